@@ -49,20 +49,20 @@ class Config:
     patch_size: int = 2  # a dense token is a p x p pixel patch; a pivot token a p x p patch of the 2x downsample
     num_classes: int = 10
     # the shared transformer
-    width: int = 512
-    depth: int = 12
-    heads: int = 8
+    width: int = 320
+    depth: int = 8
+    heads: int = 5
     mlp_ratio: float = 4.0
     buffer_tokens: int = 4  # prefix tokens that carry the class embedding
     dropout: float = 0.0  # attention and projection dropout in the transformer
     class_dropout: float = 0.1  # probability of the null class in training (for classifier-free guidance)
     # phase-1 head: per-token MLP (MAR)
-    mlp_head_width: int = 512
+    mlp_head_width: int = 256
     mlp_head_depth: int = 3
     mlp_head_repeats: int = 4  # noise levels drawn per token and step
     # phase-2 head: Diffusion Transformer
     dit_head_width: int = 256
-    dit_head_depth: int = 4
+    dit_head_depth: int = 3
     dit_head_heads: int = 4
     # training
     mask_ratio_min: float = 0.7  # truncated normal mask ratio (phases trained MAR-style), mean 1

@@ -1,0 +1,210 @@
+"""Generate images with a trained Hi-MAR checkpoint.
+
+    python sample.py                                    # the shipped CIFAR-10 model: a class grid and a trajectory
+    python sample.py --ckpt runs/cifar10/checkpoint.pt --grid grid.png
+    python sample.py --ckpt CKPT --num-images 10000 --npz samples.npz   # for evaluation (ADM layout)
+    python sample.py --ckpt CKPT --trajectory unmasking.gif             # the two-phase unmasking, animated
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import himar
+
+SHIPPED_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "himar_cifar10.pt")
+
+
+# ----- pictures -----
+
+
+def to_uint8(images):
+    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C]."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid_array(images, ncol, pad=2):
+    """uint8 [N, H, W, C] -> one uint8 picture [rows * (H + pad), ncol * (W + pad), C] with white gaps."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / ncol)
+    out = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, ncol)
+        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+    return out
+
+
+def save_grid(images, ncol, path):
+    """Save images [N, C, H, W] in [-1, 1] as one PNG grid, ncol images per row."""
+    import matplotlib.pyplot as plt
+
+    plt.imsave(path, grid_array(to_uint8(images), ncol))
+
+
+def class_grid(model, labels, per_class, seed, device, **settings):
+    """Sample `per_class` images for each label; returns [len(labels) * per_class, C, H, W], one row per label."""
+    rows = torch.tensor(labels).repeat_interleave(per_class)
+    return model.sample(rows.to(device), seed=seed, **settings)
+
+
+def trajectory_figure(frames, path, num_show):
+    """The two-phase unmasking as one figure: a row per sample, a column per step. Phase 1 shows the pivot
+    image (upsampled 2x), phase 2 the dense image; tokens not yet revealed are grey. A .gif path also
+    writes an animation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pictures = [unmasked_picture(f)[:num_show] for f in frames]  # each [S, H, W, 3] uint8
+    steps = len(frames)
+    fig, axes = plt.subplots(num_show, steps, figsize=(1.1 * steps, 1.15 * num_show + 0.3), squeeze=False)
+    for j, frame in enumerate(frames):
+        for i in range(num_show):
+            ax = axes[i, j]
+            ax.imshow(pictures[j][i], interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+        title = "pivots" if frame["phase"] == "pivot" else "dense"
+        axes[0, j].set_title(f"{title} {1 + sum(f['phase'] == frame['phase'] for f in frames[:j])}", fontsize=7)
+    fig.tight_layout(pad=0.3)
+    if path.endswith(".gif"):
+        from matplotlib.animation import FuncAnimation, PillowWriter
+
+        plt.close(fig)
+        fig, axes = plt.subplots(1, num_show, figsize=(1.3 * num_show, 1.5), squeeze=False)
+        artists = [axes[0, i].imshow(pictures[0][i], interpolation="nearest") for i in range(num_show)]
+        for ax in axes[0]:
+            ax.set_xticks([]), ax.set_yticks([])
+
+        def show(j):
+            for i, artist in enumerate(artists):
+                artist.set_data(pictures[j][i])
+            fig.suptitle(f"{frames[j]['phase']} step", fontsize=8)
+            return artists
+
+        FuncAnimation(fig, show, frames=steps, interval=400).save(path, writer=PillowWriter(fps=3))
+    else:
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def unmasked_picture(frame):
+    """A trajectory frame as uint8 pictures [B, H, W, 3] at full size: masked tokens grey, pivots upsampled."""
+    image, mask = frame["image"], frame["mask"]  # [B, 3, h, w], [B, h/p, w/p]
+    p = image.shape[-1] // mask.shape[-1]
+    hidden = mask.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None]  # [B, 1, h, w]
+    image = torch.where(hidden, torch.zeros_like(image), image)  # 0 = mid grey in [-1, 1]
+    if frame["phase"] == "pivot":
+        image = image.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    return to_uint8(image)
+
+
+# ----- command line -----
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample images from a Hi-MAR checkpoint.")
+    p.add_argument("--ckpt", default=SHIPPED_CHECKPOINT, help="checkpoint file (default: the shipped CIFAR-10 model)")
+    p.add_argument("--grid", default="samples.png", help="PNG grid to write ('' for none)")
+    p.add_argument("--labels", type=int, nargs="+", help="classes of the grid rows (default: the first 10 classes)")
+    p.add_argument("--per-class", type=int, default=10, help="grid images per class")
+    p.add_argument("--num-images", type=int, default=0, help="with --npz: how many samples, spread evenly over classes")
+    p.add_argument("--npz", help="write --num-images samples here (arr_0 uint8 [N,H,W,3], arr_1 labels)")
+    p.add_argument("--trajectory", default="trajectory.png", help="figure (.png) or animation (.gif) of the unmasking ('' for none)")
+    p.add_argument("--pivot-steps", type=int, help="phase-1 steps K1")
+    p.add_argument("--dense-steps", type=int, help="phase-2 steps K2")
+    p.add_argument("--pivot-cfg", type=float, help="classifier-free guidance scale of phase 1")
+    p.add_argument("--dense-cfg", type=float, help="classifier-free guidance scale of phase 2")
+    p.add_argument("--temperature", type=float, help="temperature of the heads' diffusion samplers")
+    p.add_argument("--pivot-diffusion-steps", type=int, help="denoising steps of the MLP head")
+    p.add_argument("--dense-diffusion-steps", type=int, help="denoising steps of the DiT head")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def sampling_settings(args, cfg):
+    """The sampling flags that were given (others keep the checkpoint's defaults), checked for sense."""
+    names = ["pivot_steps", "dense_steps", "pivot_cfg", "dense_cfg", "temperature", "pivot_diffusion_steps", "dense_diffusion_steps"]
+    settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    merged = {n: settings.get(n, getattr(cfg, n)) for n in names}
+    limits = {"pivot_steps": cfg.num_pivots, "dense_steps": cfg.num_dense}
+    for name, n in limits.items():
+        if not 1 <= merged[name] <= n:
+            sys.exit(f"error: --{name.replace('_', '-')} must be between 1 and {n} (the number of tokens), got {merged[name]}")
+    for name in ("pivot_diffusion_steps", "dense_diffusion_steps"):
+        if not 1 <= merged[name] <= cfg.diffusion_steps:
+            sys.exit(f"error: --{name.replace('_', '-')} must be between 1 and {cfg.diffusion_steps}, got {merged[name]}")
+    if merged["temperature"] <= 0 or merged["pivot_cfg"] < 0 or merged["dense_cfg"] < 0:
+        sys.exit("error: --temperature must be > 0 and the CFG scales >= 0")
+    return settings
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"error: --device {name} asked for, but no CUDA GPU is available (use --device cpu)")
+    return name
+
+
+def check_writable(path):
+    if path:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            sys.exit(f"error: cannot write {path}: the folder {folder} does not exist or is not writable")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    for path in (args.grid, args.npz, args.trajectory):
+        check_writable(path)
+    if args.npz and args.num_images <= 0:
+        sys.exit("error: --npz needs --num-images N (N > 0)")
+    try:
+        model = himar.model_from_checkpoint(args.ckpt, device)
+    except himar.CheckpointError as e:
+        hint = "\n(the shipped model is checkpoints/himar_cifar10.pt in the repository)" if args.ckpt == SHIPPED_CHECKPOINT else ""
+        sys.exit(f"error: {e}{hint}")
+    cfg = model.cfg
+    settings = sampling_settings(args, cfg)
+    labels = args.labels if args.labels else list(range(min(10, cfg.num_classes)))
+    if min(labels) < 0 or max(labels) >= cfg.num_classes:
+        sys.exit(f"error: --labels must be class indices in [0, {cfg.num_classes})")
+    print(f"{args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {cfg.image_size}x{cfg.image_size}, on {device}")
+
+    if args.grid:
+        start = time.time()
+        images = class_grid(model, labels, args.per_class, args.seed, device, **settings)
+        save_grid(images, args.per_class, args.grid)
+        print(f"wrote {args.grid} ({len(labels)} classes x {args.per_class}) in {time.time() - start:.1f} s")
+
+    if args.trajectory:
+        num_show = min(4, len(labels))
+        _, frames = model.sample(torch.tensor(labels[:num_show], device=device), seed=args.seed, trajectory=True, **settings)
+        trajectory_figure(frames, args.trajectory, num_show)
+        print(f"wrote {args.trajectory} ({len(frames)} steps)")
+
+    if args.npz:
+        from tqdm import tqdm
+
+        all_labels = torch.arange(args.num_images) % cfg.num_classes  # spread evenly over the classes
+        chunks = []
+        start = time.time()
+        for i in tqdm(range(0, args.num_images, args.batch_size), desc="sampling", unit="batch"):
+            batch = all_labels[i:i + args.batch_size].to(device)
+            chunks.append(to_uint8(model.sample(batch, seed=args.seed + i, **settings)))
+        seconds = time.time() - start
+        np.savez(args.npz, arr_0=np.concatenate(chunks), arr_1=all_labels.numpy())
+        print(f"wrote {args.npz}: {args.num_images} images in {seconds:.1f} s ({args.num_images / seconds:.1f} images/s)")
+
+
+if __name__ == "__main__":
+    main()

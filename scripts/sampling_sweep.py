@@ -1,0 +1,62 @@
+"""Speed / quality of sampling settings for one checkpoint: sample N images per setting, time it, score it.
+
+    python scripts/sampling_sweep.py --ckpt runs/cifar10/checkpoint.pt --scorer PATH/score_cifar10.py \
+        --num-images 10000 --out sweep.jsonl --settings "{}" '{"dense_diffusion_steps": 25}'
+
+Each setting is a JSON dict of HiMAR.sample arguments (missing ones keep the checkpoint's defaults).
+One JSON line per setting: the setting, seconds, images/s, and the scorer's output (fd, acc, ...).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import himar  # noqa: E402
+from sample import to_uint8  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--scorer", help="path of score_cifar10.py (skip scoring if not given)")
+    p.add_argument("--num-images", type=int, default=10000)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--out", default="sweep.jsonl")
+    p.add_argument("--settings", nargs="+", default=["{}"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    model = himar.model_from_checkpoint(args.ckpt, args.device)
+    labels = torch.arange(args.num_images) % model.cfg.num_classes
+    for text in args.settings:
+        setting = json.loads(text)
+        model.sample(labels[:8].to(args.device), seed=123, **setting)  # warm-up
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.time()
+        chunks = [to_uint8(model.sample(labels[i:i + args.batch_size].to(args.device), seed=i, **setting))
+                  for i in range(0, args.num_images, args.batch_size)]
+        seconds = time.time() - start
+        row = {"setting": setting, "n": args.num_images, "seconds": round(seconds, 1),
+               "images_per_s": round(args.num_images / seconds, 1)}
+        if args.scorer:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "samples.npz")
+                np.savez(path, arr_0=np.concatenate(chunks), arr_1=labels.numpy())
+                out = subprocess.run([sys.executable, args.scorer, path, "--device", args.device],
+                                     capture_output=True, text=True, check=True).stdout
+                row.update(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,614 @@
+"""Train Hi-MAR on CIFAR-10, ImageNet 64x64 or a folder of images.
+
+    python train.py                                        # CIFAR-10, the cifar10 preset, on the best device
+    python train.py --preset tiny --max-steps 50           # a quick CPU check
+    python train.py --resume                               # continue runs/cifar10 where it stopped
+    torchrun --nproc_per_node=4 train.py                   # several GPUs (DDP)
+
+Everything goes under --out-dir: checkpoint.pt (model, EMA, optimizer, step, config, RNG state),
+metrics.jsonl and loss.png, and sample grids of the EMA model (one row per class).
+"""
+
+import argparse
+import copy
+import contextlib
+import functools
+import hashlib
+import http.client
+import json
+import math
+import os
+import pickle
+import re
+import tarfile
+import time
+import urllib.request
+import zipfile
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import himar
+from sample import class_grid, save_grid
+
+# ----- Data -----
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["batches.meta"]
+IMAGENET_HINT = ("Get 'Imagenet64_train_npz' from the downsampled-image page of image-net.org "
+                 "(https://image-net.org/download-images.php, needs an account) and unpack it so that "
+                 "{d} holds train_data_batch_1.npz ... train_data_batch_10.npz "
+                 "(and optionally map_clsloc.txt for class names).")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+class DataError(Exception):
+    """A data set is missing or broken; the message says what to do about it."""
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor  # uint8 [N, H, W, 3], channel-last
+    labels: torch.Tensor  # int64 [N]
+    class_names: list[str]
+
+
+@contextlib.contextmanager
+def _reading(path, hint):
+    """Turn any error raised while reading `path` into a DataError naming it."""
+    try:
+        yield
+    except (DataError, MemoryError):
+        raise
+    except Exception as e:
+        raise DataError(f"Could not read {path}: it looks corrupt or truncated "
+                        f"({type(e).__name__}: {e}). {hint}") from e
+
+
+def load_dataset(name: str, data_dir: str, image_size: int) -> ImageData:
+    """Load a whole training set into memory as uint8 [N, H, W, 3] images.
+
+    'cifar10':    data_dir contains cifar-10-batches-py/ (downloaded there if missing); image_size 32.
+    'imagenet64': data_dir holds the train_data_batch_*.npz files of ImageNet 64x64; image_size 64.
+    'folder':     data_dir/<class_name>/*.png|jpg|jpeg, resized and center-cropped to image_size.
+    """
+    loaders = {"cifar10": _load_cifar10, "imagenet64": _load_imagenet64, "folder": _load_folder}
+    if name not in loaders:
+        raise DataError(f"Unknown dataset {name!r}; choose one of: {', '.join(loaders)}.")
+    return loaders[name](os.path.expanduser(data_dir), image_size)
+
+
+# CIFAR-10: data_dir contains cifar-10-batches-py/, as in torchvision.
+def _download(url, path):
+    """Fetch `url` into `path` with a progress bar; a broken download leaves no `path` behind."""
+    part = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+            size = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(part, path)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+
+
+def _fetch_cifar10(data_dir, folder):
+    """Download, check and unpack the official archive so that `folder` exists."""
+    archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
+    how = (f"To install it by hand, download {CIFAR_URL} and unpack it in {data_dir} "
+           f"(tar xzf cifar-10-python.tar.gz), so that {folder} holds {', '.join(CIFAR_FILES)}.")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        if not os.path.exists(archive):
+            _download(CIFAR_URL, archive)
+    except (OSError, http.client.HTTPException) as e:
+        raise DataError(f"CIFAR-10 is not in {folder} and downloading it failed ({e}). {how}") from e
+    with open(archive, "rb") as f:
+        md5 = hashlib.file_digest(f, "md5").hexdigest()
+    if md5 != CIFAR_MD5:
+        os.remove(archive)
+        raise DataError(f"{archive} has md5 {md5}, not {CIFAR_MD5}: it is not the CIFAR-10 archive "
+                        f"(or was damaged), so it was deleted. Run again to download it afresh. {how}")
+    with _reading(archive, how), tarfile.open(archive) as tar:
+        tar.extractall(data_dir, filter="data")  # the "data" filter refuses paths leaving data_dir
+
+
+def _load_cifar10(data_dir, image_size):
+    if image_size != 32:
+        raise DataError(f"CIFAR-10 images are 32x32, so image_size must be 32 (got {image_size}); "
+                        "use the 'folder' dataset to train at other sizes.")
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    if not os.path.isdir(folder) and os.path.isfile(os.path.join(data_dir, "data_batch_1")):
+        raise DataError(f"data_dir must be the folder that CONTAINS cifar-10-batches-py/: pass "
+                        f"{os.path.dirname(os.path.abspath(data_dir))} instead of {data_dir}.")
+    if not os.path.isdir(folder):
+        _fetch_cifar10(data_dir, folder)
+    missing = [f for f in CIFAR_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise DataError(f"{folder} lacks {', '.join(missing)}. Delete the folder and run again to "
+                        f"download it, or unpack {CIFAR_URL} into {data_dir} by hand.")
+    hint = f"Replace it: delete {folder} and run again to download it, or unpack {CIFAR_URL} there."
+
+    def unpickle(path):
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")  # the official files are Python 2 pickles
+
+    path = os.path.join(folder, "batches.meta")
+    with _reading(path, hint):
+        class_names = [n.decode() for n in unpickle(path)[b"label_names"]]
+    images, labels = [], []
+    for name in CIFAR_FILES[:-1]:
+        path = os.path.join(folder, name)
+        with _reading(path, hint):
+            batch = unpickle(path)
+            data, y = batch[b"data"], np.asarray(batch[b"labels"], dtype=np.int64)
+            if data.dtype != np.uint8 or data.shape != (len(y), 3072):
+                raise ValueError(f"expected uint8 data of shape ({len(y)}, 3072), got {data.dtype} {data.shape}")
+            if len(y) and not 0 <= y.min() <= y.max() < len(class_names):
+                raise ValueError(f"labels outside 0..{len(class_names) - 1}")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R,G,B planes -> HWC
+        labels.append(y)
+    return ImageData(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)),
+                     class_names)
+
+
+# ImageNet 64x64 (Chrabaszcz et al. 2017): data_dir holds train_data_batch_<k>.npz.
+def _npy_header(f):
+    """(shape, fortran_order, dtype) of the .npy stream `f`, leaving `f` at the start of the data."""
+    version = np.lib.format.read_magic(f)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read:
+        raise ValueError(f"unsupported .npy version {version}")
+    return read[version](f)
+
+
+def _load_imagenet64(data_dir, image_size, chunk=4096):
+    if image_size != 64:
+        raise DataError(f"ImageNet 64x64 images are 64x64, so image_size must be 64 (got {image_size}); "
+                        "use the 'folder' dataset to train at other sizes.")
+    hint = IMAGENET_HINT.format(d=data_dir)
+    names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+    found = {int(m[1]): f for f in names if (m := re.fullmatch(r"train_data_batch_(\d+)\.npz", f))}
+    paths = [os.path.join(data_dir, found[k]) for k in sorted(found)]  # by number: 2 before 10
+    if not paths:
+        raise DataError(f"No train_data_batch_*.npz files in {data_dir}. {hint}")
+
+    class_names = [f"class_{i}" for i in range(1000)]
+    map_path = os.path.join(data_dir, "map_clsloc.txt")
+    if os.path.exists(map_path):
+        with _reading(map_path, "Fix or delete it (it is optional; lines look like 'n02119789 1 kit_fox')."):
+            with open(map_path) as f:
+                rows = [line.split() for line in f if line.strip()]
+            class_names = [name for _, _, name in sorted(rows, key=lambda r: int(r[1]))]
+
+    # Pass 1: shapes and labels only, so the pixels can go straight into one preallocated array.
+    sizes, labels = [], []
+    for path in paths:
+        with _reading(path, hint), zipfile.ZipFile(path) as zf:
+            with zf.open("data.npy") as f:
+                shape, fortran, dtype = _npy_header(f)
+            if dtype != np.uint8 or len(shape) != 2 or shape[1] != 3 * 64 * 64 or fortran:
+                raise ValueError(f"'data' is {dtype} {shape}, expected C-ordered uint8 (N, 12288)")
+            with zf.open("labels.npy") as f:
+                y = np.lib.format.read_array(f).astype(np.int64)
+            if y.shape != shape[:1] or (len(y) and not 1 <= y.min() <= y.max() <= len(class_names)):
+                raise ValueError(f"'labels' must be {shape[0]} ints in 1..{len(class_names)}")
+        sizes.append(shape[0])
+        labels.append(y - 1)  # the files count classes from 1
+
+    # Pass 2: stream each file's pixels in chunks, converting R,G,B planes -> HWC on the way.
+    images = np.empty((sum(sizes), 64, 64, 3), dtype=np.uint8)
+    row_bytes, pos = 3 * 64 * 64, 0
+    with tqdm(total=len(images), unit="img", desc="imagenet64") as bar:
+        for path, n in zip(paths, sizes):
+            with _reading(path, hint), zipfile.ZipFile(path) as zf, zf.open("data.npy") as f:
+                _npy_header(f)
+                for k in [min(chunk, n - s) for s in range(0, n, chunk)]:
+                    buf = f.read(k * row_bytes)
+                    if len(buf) != k * row_bytes:
+                        raise ValueError("'data' ends early")
+                    images[pos:pos + k] = np.frombuffer(buf, np.uint8).reshape(k, 3, 64, 64).transpose(0, 2, 3, 1)
+                    pos += k
+                    bar.update(k)
+    return ImageData(torch.from_numpy(images), torch.from_numpy(np.concatenate(labels)), class_names)
+
+
+# Image folder: data_dir/<class_name>/*.png|jpg|jpeg, classes sorted by name.
+def _load_folder(data_dir, image_size):
+    layout = "Expected data_dir/<class_name>/<image>.png|.jpg|.jpeg, one sub-folder per class."
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir} is not a folder. {layout}")
+    classes = sorted(d for d in os.listdir(data_dir)
+                     if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith("."))
+    if not classes:
+        raise DataError(f"{data_dir} has no class sub-folders. {layout}")
+    files = []
+    for label, c in enumerate(classes):
+        names = sorted(f for f in os.listdir(os.path.join(data_dir, c)) if f.lower().endswith(IMAGE_EXTS))
+        if not names:
+            raise DataError(f"Class folder {os.path.join(data_dir, c)} holds no images. {layout}")
+        files += [(os.path.join(data_dir, c, f), label) for f in names]
+
+    images = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(tqdm(files, unit="img", desc="images")):
+        with _reading(path, "Delete or replace that file."), Image.open(path) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            scale = image_size / min(w, h)  # short side -> image_size, then center crop
+            w, h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+            if (w, h) != img.size:
+                img = img.resize((w, h), Image.Resampling.BICUBIC)  # PIL antialiases when shrinking
+            left, top = (w - image_size) // 2, (h - image_size) // 2
+            images[i] = np.asarray(img.crop((left, top, left + image_size, top + image_size)))
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return ImageData(torch.from_numpy(images), labels, classes)
+
+
+# Batches: a pure function of (seed, step, rank, world_size), so a resumed run needs no loader state.
+def _mix(*ints):
+    """A well-spread 63-bit seed from non-negative ints."""
+    return int(np.random.SeedSequence(ints).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_shard(seed, epoch, rank, world_size, n, device):
+    """This rank's indices for `epoch`: every world_size-th entry of one shared permutation."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, 0, epoch)))
+    return perm[rank:(n // world_size) * world_size:world_size].to(device)
+
+
+def batch_at(data: ImageData, step: int, batch_size: int, seed: int, device,
+             rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training batch of `step` for `rank`: images float [B, 3, H, W] in [-1, 1] and labels int64 [B],
+    on `device`. Epochs are fresh permutations, each rank takes its own shard, the last incomplete batch
+    is dropped, and half the images (on average) are flipped horizontally."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    device = torch.device(device)
+    per_epoch = len(data.images) // world_size // batch_size
+    if per_epoch == 0:
+        raise DataError(f"{len(data.images)} images cannot fill one batch of {batch_size} on each of "
+                        f"{world_size} rank(s); lower batch_size.")
+    epoch, i = divmod(step, per_epoch)
+    rows = slice(i * batch_size, (i + 1) * batch_size)
+    # Index where the data lives (the shard is cached there), then move only the batch.
+    idx = _epoch_shard(seed, epoch, rank, world_size, len(data.images), data.images.device)[rows]
+    x = data.images[idx].to(device, non_blocking=True)
+    y = data.labels[_epoch_shard(seed, epoch, rank, world_size, len(data.labels), data.labels.device)[rows]]
+    flip = torch.rand(batch_size, generator=torch.Generator().manual_seed(_mix(seed, 1, step, rank))) < 0.5
+    flip = flip.to(device, non_blocking=True).view(-1, 1, 1, 1)
+    x = torch.where(flip, x.flip(2), x)  # x is [B, H, W, 3]: dim 2 is the width
+    # Multiply by the float32 reciprocal, as CUDA's division by a scalar does: same bits on CPU and GPU.
+    x = x.permute(0, 3, 1, 2).contiguous().float().mul_(1 / 127.5).sub_(1.0)
+    return x, y.to(device, non_blocking=True)
+
+# ----- Training -----
+
+# How long each preset trains when --max-steps is not given, and its EMA decay.
+RECIPES = {
+    "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99),
+    "cifar10": dict(steps=12000, batch_size=256, lr=8e-4, warmup=500, ema_decay=0.999),
+    "imagenet64": dict(steps=200000, batch_size=512, lr=4e-4, warmup=5000, ema_decay=0.9999),
+}
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on (a NaN loss, a checkpoint that does not fit): the message says why and what to do."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train Hi-MAR on one GPU (or several with torchrun).")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "imagenet64", "folder"])
+    p.add_argument("--data-dir", default="./data", help="folder that holds (or receives) the data set")
+    p.add_argument("--preset", choices=list(himar.PRESETS), help="model config (default: cifar10, or imagenet64 for that data set)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change a config field, e.g. --set pivots=none --set dense_head=mlp (repeatable)")
+    p.add_argument("--out-dir", help="where checkpoints, logs and samples go (default: runs/<preset>)")
+    p.add_argument("--max-steps", type=int, help="training steps (default: the preset's recipe)")
+    p.add_argument("--max-minutes", type=float, help="also stop after this much training time")
+    p.add_argument("--batch-size", type=int, help="global batch size (default: the preset's recipe)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's recipe)")
+    p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
+    p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"], help="after the warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.02)
+    p.add_argument("--grad-clip", type=float, default=3.0)
+    p.add_argument("--ema-decay", type=float, help="EMA of the weights (default: the preset's recipe)")
+    p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--benchmark", action="store_true", help="time a few steps, print throughput, save nothing")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--sample-every", type=int, default=2000)
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("imagenet64" if args.dataset == "imagenet64" else "cifar10")
+    recipe = RECIPES[args.preset]
+    args.max_steps = args.max_steps if args.max_steps is not None else recipe["steps"]
+    args.batch_size = args.batch_size or recipe["batch_size"]
+    args.lr = args.lr or recipe["lr"]
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else recipe["warmup"]
+    args.ema_decay = args.ema_decay if args.ema_decay is not None else recipe["ema_decay"]
+    args.out_dir = args.out_dir or os.path.join("runs", args.preset)
+    for name in ("max_steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if not 0 <= args.ema_decay < 1:
+        p.error("--ema-decay must be in [0, 1)")
+    return args
+
+
+def config_overrides(pairs):
+    """--set FIELD=VALUE pairs -> {field: value typed like the config's default}."""
+    types = {f.name: type(getattr(himar.Config(), f.name)) for f in fields(himar.Config)}
+    overrides = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in types:
+            raise SystemExit(f"error: --set {pair}: expected FIELD=VALUE with FIELD one of: {', '.join(types)}")
+        kind = types[name]
+        try:
+            overrides[name] = value.lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
+        except ValueError:
+            raise SystemExit(f"error: --set {pair}: {name} must be a {kind.__name__}") from None
+    return overrides
+
+
+def learning_rate(args, step):
+    """Linear warm-up, then constant or cosine decay to 10% of the peak."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model, args):
+    """AdamW (0.9, 0.95) with weight decay on matrices only (not on biases, norms, embeddings of positions)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("pos_", "mask_token", "pivot_placeholder"))]
+    other = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def flops_per_image(model, device):
+    """FLOPs of one training step per image (forward + backward), counted by PyTorch on a batch of 4."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = model.cfg
+    images = torch.zeros(4, cfg.channels, cfg.image_size, cfg.image_size, device=device)
+    labels = torch.zeros(4, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the RNG as it was
+        loss, _ = model(images, labels, pivot_dropout=0.0)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 4
+
+
+def setup_distributed(args):
+    """Under torchrun: one process per GPU (NCCL), or per CPU process (gloo). Returns (rank, world_size, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = args.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {device} asked for, but no CUDA GPU is available (use --device cpu)")
+    if world_size == 1:
+        return 0, 1, torch.device(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world_size, torch.device(device)
+
+
+def plot_losses(log_path, png_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(log_path)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "pivot", "dense"):
+        if key in rows[0]:
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+
+
+def train(args):
+    rank, world_size, device = setup_distributed(args)
+    main_process = rank == 0
+    if device.type == "cpu" and main_process and not args.benchmark:
+        print("warning: no CUDA GPU found, training on the CPU (slow; fine for --preset tiny)")
+    if args.batch_size % world_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed + rank)
+
+    # the model: from the checkpoint when resuming, else from the preset and --set
+    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    checkpoint = None
+    if args.resume:
+        try:
+            checkpoint = himar.load_checkpoint(ckpt_path)
+        except himar.CheckpointError as e:
+            raise SystemExit(f"error: cannot resume: {e}") from None
+        cfg = himar.config_from_checkpoint(checkpoint)
+        wanted = himar.preset(args.preset, **config_overrides(args.set))
+        if args.set and wanted != cfg:
+            raise SystemExit(f"error: --set changes the config of the run in {args.out_dir}; resume it without --set")
+    else:
+        cfg = himar.preset(args.preset, **config_overrides(args.set))
+    if main_process:
+        os.makedirs(args.out_dir, exist_ok=True)
+
+    # data: rank 0 first (it may download), then the others
+    if rank != 0:
+        torch.distributed.barrier()
+    try:
+        data = load_dataset(args.dataset, args.data_dir, cfg.image_size)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    if rank == 0 and world_size > 1:
+        torch.distributed.barrier()
+    if data.labels.max() >= cfg.num_classes:
+        raise SystemExit(f"error: the data has {int(data.labels.max()) + 1} classes, the {args.preset} preset {cfg.num_classes}; "
+                         f"use --set num_classes={int(data.labels.max()) + 1}")
+    if device.type == "cuda" and data.images.numel() < 2**31:  # small data sets live on the GPU
+        data.images = data.images.to(device)
+
+    model = himar.HiMAR(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = make_optimizer(model, args)
+    start_step = 0
+    if checkpoint is not None:
+        himar.load_weights(model, checkpoint, "model")
+        himar.load_weights(ema, checkpoint, "ema")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step = checkpoint["step"]
+        torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda"):
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
+        if main_process:
+            print(f"resuming {ckpt_path} at step {start_step}")
+    step_model = model
+    if world_size > 1:
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        step_model = torch.compile(step_model)
+    flops = flops_per_image(model, device)
+    if main_process:
+        print(f"Hi-MAR {args.preset}: {model.num_params() / 1e6:.2f}M parameters, {flops / 1e9:.2f} GFLOP per training image; "
+              f"{len(data.labels)} images, batch {args.batch_size} on {world_size} x {device}")
+
+    def gathered(tensor):  # every rank's copy of a tensor, for the checkpoint
+        if world_size == 1:
+            return [tensor]
+        out = [torch.zeros_like(tensor) for _ in range(world_size)]
+        torch.distributed.all_gather(out, tensor.to(device))
+        return [t.cpu() for t in out]
+
+    def save(step):
+        rng = {"cpu": gathered(torch.get_rng_state()),
+               "cuda": gathered(torch.cuda.get_rng_state()) if device.type == "cuda" else []}
+        if main_process:
+            himar.save_checkpoint(ckpt_path, {"config": asdict(cfg), "model": model.state_dict(), "ema": ema.state_dict(),
+                                              "optimizer": optimizer.state_dict(), "step": step, "rng": rng, "args": vars(args)})
+
+    def sample_grid(step):
+        if main_process:
+            classes = list(range(min(10, cfg.num_classes)))
+            save_grid(class_grid(ema, classes, 8, seed=0, device=device), 8, os.path.join(args.out_dir, f"samples_{step:07d}.png"))
+
+    # the loop
+    local_batch = args.batch_size // world_size
+    log_path = os.path.join(args.out_dir, "metrics.jsonl")
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
+    sums, count = {}, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    last_steps = min(args.max_steps, start_step + 30) if args.benchmark else args.max_steps
+    bar = tqdm(range(start_step, last_steps), initial=start_step, total=last_steps, disable=not main_process, desc="training")
+    timer_start, timed_images, train_seconds = time.time(), 0, 0.0
+    step = start_step
+    for step in bar:
+        if args.benchmark and step == start_step + 10:  # 10 warm-up steps, then time the rest
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            timer_start, timed_images = time.time(), 0
+        images, labels = batch_at(data, step, local_batch, args.seed, device, rank, world_size)
+        lr = learning_rate(args, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast:
+            loss, parts = step_model(images, labels, pivot_dropout=himar.pivot_dropout_at(cfg, step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
+        bad |= ~torch.isfinite(loss.detach())
+        for key, value in {"loss": loss.detach(), **parts}.items():
+            sums[key] = sums.get(key, 0.0) + value.float()
+        count += 1
+        timed_images += args.batch_size
+        done = step + 1
+        if args.benchmark:
+            continue
+
+        if done % args.log_every == 0 or done == args.max_steps or done % args.ckpt_every == 0:
+            if bad.item():  # stop before anything non-finite reaches a checkpoint
+                raise TrainingStopped(
+                    f"the loss became NaN or inf between step {done - count + 1} and {done}. The last good checkpoint "
+                    f"({ckpt_path}) was not touched; resume it with a lower --lr or a stronger --grad-clip.")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.time() - timer_start
+            train_seconds += elapsed
+            means = {k: (v / count).item() for k, v in sums.items()}
+            row = {"step": done, **means, "lr": lr, "images_per_s": timed_images / elapsed}
+            if main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
+                bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"})
+            sums, count = {}, 0
+            if done % args.sample_every == 0 or done == args.max_steps:
+                sample_grid(done)
+            if done % args.ckpt_every == 0 or done == args.max_steps:
+                save(done)
+            stop = args.max_minutes is not None and train_seconds > 60 * args.max_minutes
+            timer_start, timed_images = time.time(), 0
+            if stop:
+                if done % args.ckpt_every != 0:
+                    save(done)
+                sample_grid(done)
+                if main_process:
+                    print(f"stopping after {train_seconds / 60:.1f} minutes of training (--max-minutes)")
+                break
+
+    # throughput report
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if args.benchmark:
+        train_seconds, images_seen = time.time() - timer_start, timed_images
+    else:
+        images_seen = (step + 1 - start_step) * args.batch_size
+    if main_process and train_seconds > 0:
+        per_s = images_seen / train_seconds
+        print(f"throughput: {per_s:.0f} images/s, {flops / 1e9:.2f} GFLOP per image, "
+              f"{per_s * flops / 1e12:.1f} TFLOP/s achieved ({train_seconds / 60:.1f} min timed)")
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except TrainingStopped as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
