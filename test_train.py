@@ -282,3 +282,101 @@ def test_batch_at_rank_shards_are_disjoint():
 def test_batch_at_batch_too_large():
     with pytest.raises(DataError, match="lower batch_size"):
         batch_at(make_data(n=10), 0, 8, 0, "cpu", world_size=2)
+
+
+# --- the command lines end to end (tiny preset, a folder data set, CPU) ---------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import himar  # noqa: E402
+import sample  # noqa: E402
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (tmp_path / "images" / f"class{c}").mkdir(parents=True)
+        for i in range(16):
+            pixels = np.clip(rng.normal(60 * c, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / f"class{c}" / f"{i}.png")
+    return str(tmp_path / "images")
+
+
+def train_args(data, out, steps, *extra):
+    return ["--dataset", "folder", "--data-dir", data, "--preset", "tiny", "--out-dir", str(out), "--device", "cpu",
+            "--max-steps", str(steps), "--batch-size", "8", "--log-every", "3", "--ckpt-every", "3",
+            "--sample-every", "6", "--lr-schedule", "constant", "--warmup-steps", "2", *extra]
+
+
+def test_train_then_sample_end_to_end(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(train_args(image_folder, out, 6))
+    assert {"checkpoint.pt", "metrics.jsonl", "loss.png", "samples_0000006.png"} <= set(os.listdir(out))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [3, 6] and all(np.isfinite(r["loss"]) for r in rows)
+    grid, npz, gif = tmp_path / "grid.png", tmp_path / "s.npz", tmp_path / "t.gif"
+    sample.main(["--ckpt", str(out / "checkpoint.pt"), "--grid", str(grid), "--labels", "0", "1", "--per-class", "3",
+                 "--num-images", "6", "--npz", str(npz), "--trajectory", str(gif), "--device", "cpu", "--batch-size", "4"])
+    assert np.asarray(Image.open(grid)).shape[:2] == (2 * 34 + 2, 3 * 34 + 2)  # 2 rows x 3 images of 32 px + gaps
+    data = np.load(npz)
+    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (6, 32, 32, 3)
+    assert data["arr_1"].tolist() == [0, 1, 2, 3, 4, 5]
+    cfg = himar.preset("tiny")
+    assert Image.open(gif).n_frames == cfg.pivot_steps + cfg.dense_steps
+
+
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(image_folder, tmp_path):
+    train.main(train_args(image_folder, tmp_path / "straight", 6))
+    train.main(train_args(image_folder, tmp_path / "resumed", 3))
+    train.main(train_args(image_folder, tmp_path / "resumed", 6) + ["--resume"])
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt")
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.allclose(a[key][name], b[key][name], atol=1e-6), (key, name)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(train_args(image_folder, out, 3))
+    good = torch.load(out / "checkpoint.pt")
+    forward = himar.HiMAR.forward
+    monkeypatch.setattr(himar.HiMAR, "forward", lambda self, *a, **k: (forward(self, *a, **k)[0] * float("nan"), {}))
+    with pytest.raises(SystemExit, match="NaN or inf.*last good checkpoint"):
+        train.main(train_args(image_folder, out, 9) + ["--resume"])
+    after = torch.load(out / "checkpoint.pt")
+    assert after["step"] == 3 and all(torch.equal(good["model"][k], after["model"][k]) for k in good["model"])
+
+
+def test_bad_flags_and_checkpoints_give_clear_errors(image_folder, tmp_path):
+    with pytest.raises(SystemExit, match="--set depth=x: depth must be a int"):
+        train.main(train_args(image_folder, tmp_path / "a", 3) + ["--set", "depth=x"])
+    with pytest.raises(SystemExit, match="FIELD one of"):
+        train.main(train_args(image_folder, tmp_path / "a", 3) + ["--set", "colour=red"])
+    with pytest.raises(SystemExit, match="cannot resume: no checkpoint"):
+        train.main(train_args(image_folder, tmp_path / "b", 3) + ["--resume"])
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        sample.main(["--ckpt", str(tmp_path / "missing.pt"), "--device", "cpu"])
+    out = tmp_path / "run"
+    train.main(train_args(image_folder, out, 3))
+    ckpt = str(out / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="dense-steps must be between 1 and 64"):
+        sample.main(["--ckpt", ckpt, "--dense-steps", "0", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="cannot write"):
+        sample.main(["--ckpt", ckpt, "--grid", str(tmp_path / "no" / "such" / "dir.png"), "--device", "cpu"])
+
+
+def test_ddp_with_two_cpu_processes(image_folder, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py",
+           *train_args(image_folder, out, 3)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(out / "checkpoint.pt")
+    assert checkpoint["step"] == 3 and len(checkpoint["rng"]["cpu"]) == 2
+    assert "batch 8 on 2 x cpu" in result.stdout
