@@ -678,7 +678,7 @@ def load_checkpoint(path, device="cpu"):
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} could not be read as a checkpoint (corrupt or truncated file?): {e}") from None
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or not {"model", "ema"} & set(checkpoint):
         raise CheckpointError(f"{path} is not a Hi-MAR checkpoint (it has no config and model weights)")
     return checkpoint
 
