@@ -61,9 +61,10 @@ class Config:
     mlp_head_depth: int = 3
     mlp_head_repeats: int = 4  # noise levels drawn per token and step
     # phase-2 head: Diffusion Transformer
-    dit_head_width: int = 256
+    dit_head_width: int = 320
     dit_head_depth: int = 3
-    dit_head_heads: int = 4
+    dit_head_heads: int = 5
+    dit_head_repeats: int = 2  # noise levels drawn per image and step
     # training
     mask_ratio_min: float = 0.7  # truncated normal mask ratio (phases trained MAR-style), mean 1
     mask_ratio_std: float = 0.25
@@ -83,10 +84,12 @@ class Config:
     pivot_cfg: float = 2.0
     dense_cfg: float = 2.0
     temperature: float = 1.0
-    pivot_diffusion_steps: int = 50
-    dense_diffusion_steps: int = 50
+    pivot_diffusion_steps: tuple = (50, 50)  # the head's denoising steps at the (first, last) generation step;
+    dense_diffusion_steps: tuple = (50, 50)  # linear in between (DiSA's annealing); one int: the same at every step
 
     def __post_init__(self):
+        self.pivot_diffusion_steps = annealed_range(self.pivot_diffusion_steps)
+        self.dense_diffusion_steps = annealed_range(self.dense_diffusion_steps)
         checks = [
             (self.pivots in ("none", "visual", "conditional"), "pivots must be 'none', 'visual' or 'conditional'"),
             (self.dense_head in ("mlp", "dit"), "dense_head must be 'mlp' or 'dit'"),
@@ -94,6 +97,8 @@ class Config:
             (self.image_size % (2 * self.patch_size) == 0, "image_size must be divisible by 2 * patch_size"),
             (self.width % self.heads == 0, "width must be divisible by heads"),
             (self.dit_head_width % self.dit_head_heads == 0, "dit_head_width must be divisible by dit_head_heads"),
+            (all(1 <= n <= self.diffusion_steps for n in self.pivot_diffusion_steps + self.dense_diffusion_steps),
+             "pivot_diffusion_steps and dense_diffusion_steps must be between 1 and diffusion_steps"),
         ]
         for ok, message in checks:
             if not ok:
@@ -110,6 +115,12 @@ class Config:
     @property
     def token_dim(self):  # D
         return self.channels * self.patch_size**2
+
+
+def annealed_range(steps):
+    """Diffusion steps as a (first, last) pair: an int n means (n, n)."""
+    first, last = (steps, steps) if isinstance(steps, int) else steps
+    return int(first), int(last)
 
 
 PRESETS = {
@@ -176,9 +187,10 @@ def random_orders(batch, n, device, generator=None):
 
 
 def mask_by_order(orders, num_masked):
-    """Bool [B, n], True at the first `num_masked` positions of each order (those stay hidden)."""
-    mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
-    return mask.scatter(1, orders[:, :num_masked], True)
+    """Bool [B, n], True at the first `num_masked` positions of each order (those stay hidden). The shape does
+    not depend on num_masked, so a training step never waits for the GPU to learn how many tokens it masks."""
+    rank = orders.argsort(dim=1)  # rank[b, i]: where position i comes in image b's order
+    return rank < num_masked
 
 
 def truncated_normal_ratio(cfg):
@@ -204,6 +216,16 @@ def pivot_dropout_at(cfg, step):
     and falls linearly to its final value over the warm-up."""
     progress = min(1.0, step / max(1, cfg.pivot_dropout_warmup))
     return cfg.pivot_dropout_start + (cfg.pivot_dropout_end - cfg.pivot_dropout_start) * progress
+
+
+def diffusion_schedule(diffusion_steps, steps):
+    """The head's denoising steps at each of `steps` generation steps, from diffusion_steps = (first, last),
+    linear in between. Annealing them (DiSA, 2025): the more tokens are known, the less the head has to invent,
+    and the fewer denoising steps it needs."""
+    first, last = annealed_range(diffusion_steps)
+    if steps == 1:
+        return [first]
+    return [round(first + (last - first) * k / (steps - 1)) for k in range(steps)]
 
 
 def reveal_schedule(n, steps):
@@ -234,21 +256,24 @@ class Diffusion:
         s = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-        self.alpha_bar = torch.cumprod(1 - betas, 0)  # [T], float64
+        self.alpha_bar = torch.cumprod(1 - betas, 0)  # [T], float64, on the CPU
+        self._alpha_bar_here = self.alpha_bar  # a copy on the device of the last training batch
 
     def _abar(self, t, like):
         """abar_t for a batch of timesteps t [M], shaped to broadcast against `like` [M, ...]."""
-        abar = self.alpha_bar.to(like.device)[t].to(like.dtype)
+        if self._alpha_bar_here.device != like.device:  # copy the table to the GPU once, not at every step
+            self._alpha_bar_here = self.alpha_bar.to(like.device)
+        abar = self._alpha_bar_here[t].to(like.dtype)
         return abar.view(-1, *[1] * (like.dim() - 1))
 
     def loss(self, head, x0, z):
         """Noise-prediction loss of `head` on clean tokens x0 [M, L, D] conditioned on z [M, L, Wz]; one
-        noise level per row of x0."""
+        noise level per row of x0. Returns the loss of every token, [M, L]."""
         t = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         abar = self._abar(t, x0)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        return F.mse_loss(head(x_t, t, z).float(), noise.float())
+        return (head(x_t, t, z).float() - noise.float()).pow(2).mean(dim=-1)
 
     @torch.no_grad()
     def sample(self, eps_fn, shape, steps, temperature=1.0, generator=None, device="cpu"):
@@ -375,10 +400,12 @@ class DiffusionHead(nn.Module):
     heads > 0: the Diffusion Transformer head (phase 2, eq. 3). DiT blocks (self-attention + MLP, both with
     per-token adaLN), so the tokens of the whole map are denoised jointly, each seeing the others."""
 
-    def __init__(self, token_dim, z_dim, width, depth, heads=0, mlp_ratio=1.0):
+    def __init__(self, token_dim, z_dim, width, depth, heads=0, mlp_ratio=1.0, num_tokens=None):
         super().__init__()
         self.attends = heads > 0
         self.input = nn.Linear(token_dim, width)
+        if self.attends:  # attention needs to know where each token is
+            self.pos = nn.Parameter(torch.zeros(1, num_tokens, width))
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.condition = nn.Linear(z_dim, width)
         layers = []
@@ -393,7 +420,7 @@ class DiffusionHead(nn.Module):
 
     def forward(self, x, t, z):  # x [B, L, D], t [B], z [B, L, Wz]
         c = self.time(sinusoidal(t, self.input.out_features))[:, None] + self.condition(z)  # [B, L, width]
-        h = self.input(x)
+        h = self.input(x) + self.pos if self.attends else self.input(x)  # [B, L, width]
         for layer in self.layers:
             h = layer(h, c)
         shift, scale = self.out_modulation(c).chunk(2, dim=-1)
@@ -433,7 +460,8 @@ class HiMAR(nn.Module):
         # heads
         dense_heads = cfg.dit_head_heads if cfg.dense_head == "dit" else 0
         dense_width, dense_depth = (cfg.dit_head_width, cfg.dit_head_depth) if dense_heads else (cfg.mlp_head_width, cfg.mlp_head_depth)
-        self.dense_head = DiffusionHead(cfg.token_dim, W, dense_width, dense_depth, dense_heads, cfg.mlp_ratio if dense_heads else 1.0)
+        self.dense_head = DiffusionHead(cfg.token_dim, W, dense_width, dense_depth, dense_heads,
+                                        cfg.mlp_ratio if dense_heads else 1.0, cfg.num_dense)
         if cfg.pivots != "none":
             self.pos_pivot = nn.Parameter(torch.zeros(1, cfg.num_pivots, W))
             self.pivot_head = DiffusionHead(cfg.token_dim, W, cfg.mlp_head_width, cfg.mlp_head_depth)
@@ -457,7 +485,7 @@ class HiMAR(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         for name, p in self.named_parameters():
-            if name.startswith(("pos_", "mask_token", "pivot_placeholder", "class_embed")):
+            if name.startswith(("pos_", "mask_token", "pivot_placeholder", "class_embed")) or name.endswith(".pos"):
                 nn.init.normal_(p, std=0.02)
 
     def num_params(self):
@@ -507,13 +535,19 @@ class HiMAR(nn.Module):
     # --- training -----------------------------------------------------------------------------------
 
     def head_loss(self, head, tokens, z, mask):
-        """Diffusion loss of a head. MLP head: on the masked tokens, each at `mlp_head_repeats` noise levels.
-        DiT head: the whole map noised to one level per image, loss averaged over all tokens."""
+        """Diffusion loss of a head on tokens [B, N, D] given z [B, N, W] and the training mask [B, N].
+        DiT head: the whole map noised to one level per image, `dit_head_repeats` times; the loss is averaged
+                  over all tokens (as the reference code).
+        MLP head: every token on its own, each at `mlp_head_repeats` noise levels; the loss is averaged over
+                  the masked tokens (the head runs on all of them: fixed shapes, no wait for the GPU)."""
         if head.attends:
-            return self.diffusion.loss(head, tokens, z)
+            r = self.cfg.dit_head_repeats
+            return self.diffusion.loss(head, tokens.repeat(r, 1, 1), z.repeat(r, 1, 1)).mean()
         r = self.cfg.mlp_head_repeats
-        x0 = tokens[mask].repeat(r, 1)[:, None]  # [r*M, 1, D]: each masked token is its own "map"
-        return self.diffusion.loss(head, x0, z[mask].repeat(r, 1)[:, None])
+        x0 = tokens.flatten(0, 1).repeat(r, 1)[:, None]  # [r*B*N, 1, D]: each token is its own "map"
+        loss = self.diffusion.loss(head, x0, z.flatten(0, 1).repeat(r, 1)[:, None])[:, 0]  # [r*B*N]
+        weight = mask.flatten().repeat(r).float()
+        return (loss * weight).sum() / weight.sum()
 
     def forward(self, images, labels, pivot_dropout=0.0):
         """One training step's losses (both phases every step). images [B, C, H, W] in [-1, 1], labels [B].
@@ -571,6 +605,7 @@ class HiMAR(nn.Module):
         output z at the step it was revealed [B, N, W] (phase 1's z_s, which phase 2 is conditioned on)."""
         cfg, B, device = self.cfg, labels.shape[0], labels.device
         n = cfg.num_pivots if phase == PIVOT else cfg.num_dense
+        denoising_steps = diffusion_schedule(diffusion_steps, steps)  # per generation step (annealed)
         head = self.pivot_head if phase == PIVOT else self.dense_head
         tokens = torch.zeros(B, n, cfg.token_dim, device=device)
         mask = torch.ones(B, n, dtype=torch.bool, device=device)  # True = not yet revealed
@@ -583,7 +618,7 @@ class HiMAR(nn.Module):
             labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
         pivot_context = both(pivot_context)
 
-        for num_masked in reveal_schedule(n, steps):
+        for step, num_masked in enumerate(reveal_schedule(n, steps)):
             # 1. the transformer looks at everything revealed so far
             z = self.transformer(phase, labels, both(tokens), both(mask), pivot_context)  # [B(x2), n, W]
             z, z_null = z.chunk(2) if guided else (z, None)
@@ -592,11 +627,11 @@ class HiMAR(nn.Module):
             scale = 1 + (cfg_scale - 1) * (n - num_masked) / n
             # 3. the head samples them
             if head.attends:  # DiT head: denoise the whole map; the still-masked positions take the new sample
-                sampled = self.denoise(head, z, z_null, scale, diffusion_steps, temperature, generator)
+                sampled = self.denoise(head, z, z_null, scale, denoising_steps[step], temperature, generator)
                 tokens = torch.where(mask[..., None], sampled, tokens)
             else:  # MLP head: only the revealed tokens, each on its own
                 pick = lambda x: None if x is None else x[reveal].view(B, -1, x.shape[-1])
-                sampled = self.denoise(head, pick(z), pick(z_null), scale, diffusion_steps, temperature, generator)
+                sampled = self.denoise(head, pick(z), pick(z_null), scale, denoising_steps[step], temperature, generator)
                 tokens[reveal] = sampled.flatten(0, 1)
             # 4. the revealed tokens are fixed for good; keep their z
             z_revealed[reveal] = z[reveal]
@@ -612,35 +647,39 @@ class HiMAR(nn.Module):
                temperature=None, pivot_diffusion_steps=None, dense_diffusion_steps=None, seed=None,
                drop_pivots=False, trajectory=False):
         """Generate images [B, C, H, W] in [-1, 1] for class labels [B]. Settings left as None take the
-        config's defaults. drop_pivots: phase 2 sees only placeholders (to show what the pivots do).
+        config's defaults; the diffusion steps are an int or a (first, last) pair (see diffusion_schedule).
+        drop_pivots: phase 2 sees only placeholders (to show what the pivots do).
         trajectory=True also returns one frame per step: {"phase", "image" (tokens so far; for the DiT head
         the masked positions hold its latest sample), "mask" (True = not yet revealed)}."""
         cfg = self.cfg
         default = lambda value, fallback: fallback if value is None else value
+        pivot_steps, dense_steps = default(pivot_steps, cfg.pivot_steps), default(dense_steps, cfg.dense_steps)
+        pivot_cfg, dense_cfg = default(pivot_cfg, cfg.pivot_cfg), default(dense_cfg, cfg.dense_cfg)
+        pivot_diffusion_steps = default(pivot_diffusion_steps, cfg.pivot_diffusion_steps)
+        dense_diffusion_steps = default(dense_diffusion_steps, cfg.dense_diffusion_steps)
+        temperature = default(temperature, cfg.temperature)
         labels = torch.as_tensor(labels, device=self.mask_token.device).long()
         if labels.dim() != 1 or labels.min() < 0 or labels.max() >= cfg.num_classes:
             raise ValueError(f"labels must be a list of class indices in [0, {cfg.num_classes})")
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(labels.device).manual_seed(seed)
+        device = labels.device
+        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
         frames = [] if trajectory else None
-        temperature = default(temperature, cfg.temperature)
         was_training = self.training
         self.eval()
 
-        context = None
-        if cfg.pivots != "none":
-            # Phase 1: the low-resolution pivots, MLP head; keep each pivot's z_s
-            pivots, z_pivot = self.unmask(PIVOT, labels, default(pivot_steps, cfg.pivot_steps), default(pivot_cfg, cfg.pivot_cfg),
-                                          temperature, default(pivot_diffusion_steps, cfg.pivot_diffusion_steps), generator,
-                                          frames=frames)
-            everywhere = torch.ones(pivots.shape[:2], dtype=torch.bool, device=labels.device)
-            dropped = torch.full(labels.shape, drop_pivots, device=labels.device)
-            context = self.pivot_context(pivots, z_pivot, everywhere, dropped)
-        # Phase 2: the dense tokens around the pivots, DiT head
-        dense, _ = self.unmask(DENSE, labels, default(dense_steps, cfg.dense_steps), default(dense_cfg, cfg.dense_cfg),
-                               temperature, default(dense_diffusion_steps, cfg.dense_diffusion_steps), generator,
-                               pivot_context=context, frames=frames)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # bf16 on a GPU
+            context = None
+            if cfg.pivots != "none":
+                # Phase 1: the low-resolution pivots, MLP head; keep each pivot's z_s
+                pivots, z_pivot = self.unmask(PIVOT, labels, pivot_steps, pivot_cfg, temperature, pivot_diffusion_steps,
+                                              generator, frames=frames)
+                everywhere = torch.ones(pivots.shape[:2], dtype=torch.bool, device=device)
+                dropped = torch.full(labels.shape, drop_pivots, device=device)
+                context = self.pivot_context(pivots, z_pivot, everywhere, dropped)
+            # Phase 2: the dense tokens around the pivots, DiT head
+            dense, _ = self.unmask(DENSE, labels, dense_steps, dense_cfg, temperature, dense_diffusion_steps,
+                                   generator, pivot_context=context, frames=frames)
+
         self.train(was_training)
         images = unpatchify(dense, cfg.patch_size, cfg.channels).clamp(-1, 1)
         return (images, frames) if trajectory else images

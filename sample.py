@@ -121,8 +121,10 @@ def parse_args(argv=None):
     p.add_argument("--pivot-cfg", type=float, help="classifier-free guidance scale of phase 1")
     p.add_argument("--dense-cfg", type=float, help="classifier-free guidance scale of phase 2")
     p.add_argument("--temperature", type=float, help="temperature of the heads' diffusion samplers")
-    p.add_argument("--pivot-diffusion-steps", type=int, help="denoising steps of the MLP head")
-    p.add_argument("--dense-diffusion-steps", type=int, help="denoising steps of the DiT head")
+    p.add_argument("--pivot-diffusion-steps", type=int, nargs="+", metavar="N",
+                   help="denoising steps of the MLP head: N, or FIRST LAST to anneal them over phase 1")
+    p.add_argument("--dense-diffusion-steps", type=int, nargs="+", metavar="N",
+                   help="denoising steps of the DiT head: N, or FIRST LAST to anneal them over phase 2")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
@@ -139,8 +141,12 @@ def sampling_settings(args, cfg):
         if not 1 <= merged[name] <= n:
             sys.exit(f"error: --{name.replace('_', '-')} must be between 1 and {n} (the number of tokens), got {merged[name]}")
     for name in ("pivot_diffusion_steps", "dense_diffusion_steps"):
-        if not 1 <= merged[name] <= cfg.diffusion_steps:
-            sys.exit(f"error: --{name.replace('_', '-')} must be between 1 and {cfg.diffusion_steps}, got {merged[name]}")
+        steps = merged[name]
+        if len(steps) > 2 or not all(1 <= n <= cfg.diffusion_steps for n in steps):
+            sys.exit(f"error: --{name.replace('_', '-')} takes one or two numbers between 1 and {cfg.diffusion_steps}, "
+                     f"got {' '.join(map(str, steps))}")
+        if name in settings:
+            settings[name] = tuple(steps) if len(steps) == 2 else steps[0]
     if merged["temperature"] <= 0 or merged["pivot_cfg"] < 0 or merged["dense_cfg"] < 0:
         sys.exit("error: --temperature must be > 0 and the CFG scales >= 0")
     return settings

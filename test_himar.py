@@ -196,8 +196,8 @@ def test_diffusion_loss_is_small_for_the_exact_denoiser():
         abar = diffusion.alpha_bar[t].float()[:, None, None]
         return (x_t - abar.sqrt() * target) / (1 - abar).sqrt()
 
-    exact = diffusion.loss(head, target.expand(256, 1, 2).clone(), None)
-    wrong = diffusion.loss(lambda x, t, z: torch.zeros_like(x), target.expand(256, 1, 2).clone(), None)
+    exact = diffusion.loss(head, target.expand(256, 1, 2).clone(), None).mean()
+    wrong = diffusion.loss(lambda x, t, z: torch.zeros_like(x), target.expand(256, 1, 2).clone(), None).mean()
     assert exact.item() < 1e-6 and wrong.item() > 0.5
 
 
@@ -207,7 +207,7 @@ def test_diffusion_loss_is_small_for_the_exact_denoiser():
 @pytest.mark.parametrize("heads", [0, 2])
 def test_only_the_dit_head_mixes_information_across_tokens(heads):
     torch.manual_seed(0)
-    head = randomize(himar.DiffusionHead(token_dim=12, z_dim=16, width=32, depth=2, heads=heads)).eval()
+    head = randomize(himar.DiffusionHead(token_dim=12, z_dim=16, width=32, depth=2, heads=heads, num_tokens=8)).eval()
     x, t, z = torch.randn(1, 8, 12), torch.tensor([300]), torch.randn(1, 8, 16)
     z2 = z.clone()
     z2[0, 3] += 1.0  # change the condition of token 3 only
@@ -291,7 +291,7 @@ def test_pivot_context_uses_conditions_where_predicted_and_the_placeholder_elsew
 
 def test_cfg_scale_one_equals_the_unguided_path():
     model = tiny()
-    head = randomize(himar.DiffusionHead(model.cfg.token_dim, 16, 32, 2, heads=2), std=0.1)
+    head = randomize(himar.DiffusionHead(model.cfg.token_dim, 16, 32, 2, heads=2, num_tokens=8), std=0.1)
     z, z_null = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
     run = lambda z_null, scale: model.denoise(head, z, z_null, scale, 10, 1.0, torch.Generator().manual_seed(3))
     assert torch.allclose(run(z_null, 1.0), run(None, 1.0), atol=1e-5)
