@@ -61,9 +61,9 @@ class Config:
     mlp_head_depth: int = 3
     mlp_head_repeats: int = 4  # noise levels drawn per token and step
     # phase-2 head: Diffusion Transformer
-    dit_head_width: int = 320
+    dit_head_width: int = 256
     dit_head_depth: int = 3
-    dit_head_heads: int = 5
+    dit_head_heads: int = 4
     dit_head_repeats: int = 2  # noise levels drawn per image and step
     # training
     mask_ratio_min: float = 0.7  # truncated normal mask ratio (phases trained MAR-style), mean 1
@@ -78,11 +78,11 @@ class Config:
     pivots: str = "conditional"  # "none" (MAR), "visual" (low-res tokens) or "conditional" (Hi-MAR)
     dense_head: str = "dit"  # "mlp" or "dit"
     scale_vector: bool = True
-    # default sampling settings
-    pivot_steps: int = 16
-    dense_steps: int = 4
-    pivot_cfg: float = 2.0
-    dense_cfg: float = 2.0
+    # default sampling settings (for CIFAR-10 from the sweep in scripts/cifar10_sampling_sweep.sh; see the README)
+    pivot_steps: int = 32
+    dense_steps: int = 1
+    pivot_cfg: float = 3.0
+    dense_cfg: float = 3.0
     temperature: float = 1.0
     pivot_diffusion_steps: tuple = (50, 50)  # the head's denoising steps at the (first, last) generation step;
     dense_diffusion_steps: tuple = (50, 50)  # linear in between (DiSA's annealing); one int: the same at every step

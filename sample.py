@@ -47,7 +47,8 @@ def save_grid(images, ncol, path):
 
 
 def class_grid(model, labels, per_class, seed, device, **settings):
-    """Sample `per_class` images for each label; returns [len(labels) * per_class, C, H, W], one row per label."""
+    """Sample `per_class` images for each label: [len(labels) * per_class, C, H, W], one row per label (and the
+    frames too, with trajectory=True)."""
     rows = torch.tensor(labels).repeat_interleave(per_class)
     return model.sample(rows.to(device), seed=seed, **settings)
 
@@ -61,6 +62,12 @@ def trajectory_figure(frames, path, num_show):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    pivot_frames = [{**f, "step": k + 1} for k, f in enumerate(f for f in frames if f["phase"] == "pivot")]
+    dense_frames = [{**f, "step": k + 1} for k, f in enumerate(f for f in frames if f["phase"] == "dense")]
+    if len(pivot_frames) > 16:  # a long phase 1 is shown at 16 evenly spaced steps, its last one included
+        keep = {round(i * (len(pivot_frames) - 1) / 15) for i in range(16)}
+        pivot_frames = [f for i, f in enumerate(pivot_frames) if i in keep]
+    frames = pivot_frames + dense_frames
     pictures = [unmasked_picture(f)[:num_show] for f in frames]  # each [S, H, W, 3] uint8
     steps = len(frames)
     fig, axes = plt.subplots(num_show, steps, figsize=(1.1 * steps, 1.15 * num_show + 0.3), squeeze=False)
@@ -70,7 +77,7 @@ def trajectory_figure(frames, path, num_show):
             ax.imshow(pictures[j][i], interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
         title = "pivots" if frame["phase"] == "pivot" else "dense"
-        axes[0, j].set_title(f"{title} {1 + sum(f['phase'] == frame['phase'] for f in frames[:j])}", fontsize=7)
+        axes[0, j].set_title(f"{title} {frame['step']}", fontsize=7)
     fig.tight_layout(pad=0.3)
     if path.endswith(".gif"):
         from matplotlib.animation import FuncAnimation, PillowWriter
@@ -112,7 +119,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=SHIPPED_CHECKPOINT, help="checkpoint file (default: the shipped CIFAR-10 model)")
     p.add_argument("--grid", default="samples.png", help="PNG grid to write ('' for none)")
     p.add_argument("--labels", type=int, nargs="+", help="classes of the grid rows (default: the first 10 classes)")
-    p.add_argument("--per-class", type=int, default=10, help="grid images per class")
+    p.add_argument("--per-class", type=int, help="grid images per class (default: 10 on a GPU, 2 on a CPU)")
     p.add_argument("--num-images", type=int, default=0, help="with --npz: how many samples, spread evenly over classes")
     p.add_argument("--npz", help="write --num-images samples here (arr_0 uint8 [N,H,W,3], arr_1 labels)")
     p.add_argument("--trajectory", default="trajectory.png", help="figure (.png) or animation (.gif) of the unmasking ('' for none)")
@@ -186,17 +193,19 @@ def main(argv=None):
         sys.exit(f"error: --labels must be class indices in [0, {cfg.num_classes})")
     print(f"{args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {cfg.image_size}x{cfg.image_size}, on {device}")
 
-    if args.grid:
+    if args.grid or args.trajectory:  # one sampling run gives the grid and, for its first rows, the trajectory
+        per_class = args.per_class or (10 if str(device).startswith("cuda") else 2)
+        rows = labels if args.grid else labels[:4]
         start = time.time()
-        images = class_grid(model, labels, args.per_class, args.seed, device, **settings)
-        save_grid(images, args.per_class, args.grid)
-        print(f"wrote {args.grid} ({len(labels)} classes x {args.per_class}) in {time.time() - start:.1f} s")
-
-    if args.trajectory:
-        num_show = min(4, len(labels))
-        _, frames = model.sample(torch.tensor(labels[:num_show], device=device), seed=args.seed, trajectory=True, **settings)
-        trajectory_figure(frames, args.trajectory, num_show)
-        print(f"wrote {args.trajectory} ({len(frames)} steps)")
+        images, frames = class_grid(model, rows, per_class, args.seed, device, trajectory=True, **settings)
+        if args.grid:
+            save_grid(images, per_class, args.grid)
+            print(f"wrote {args.grid} ({len(rows)} classes x {per_class}) in {time.time() - start:.1f} s")
+        if args.trajectory:
+            first_of_each = list(range(0, min(4, len(rows)) * per_class, per_class))  # one sample of each of 4 classes
+            frames = [{**f, "image": f["image"][first_of_each], "mask": f["mask"][first_of_each]} for f in frames]
+            trajectory_figure(frames, args.trajectory, len(first_of_each))
+            print(f"wrote {args.trajectory} ({len(frames)} steps)")
 
     if args.npz:
         from tqdm import tqdm

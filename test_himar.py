@@ -139,6 +139,28 @@ def test_reveal_schedule_rejects_impossible_step_counts():
             himar.reveal_schedule(16, steps)
 
 
+def test_diffusion_schedule_anneals_from_first_to_last():
+    assert himar.diffusion_schedule(50, 4) == [50, 50, 50, 50]
+    assert himar.diffusion_schedule((50, 10), 5) == [50, 40, 30, 20, 10]
+    assert himar.diffusion_schedule((50, 10), 1) == [50]
+
+
+def test_annealed_diffusion_steps_set_the_head_calls_of_each_generation_step():
+    model = tiny()
+    calls = []
+    model.dense_head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    model.sample([0, 1], dense_steps=3, dense_diffusion_steps=(5, 1), dense_cfg=1.0, seed=0)
+    assert len(calls) == 5 + 3 + 1  # one head call per denoising step, 5 then 3 then 1
+
+
+def test_training_masks_have_a_fixed_shape_and_the_asked_count():
+    orders = himar.random_orders(3, 10, "cpu")
+    for k in (1, 4, 10):
+        mask = himar.mask_by_order(orders, k)
+        assert mask.shape == (3, 10) and (mask.sum(1) == k).all()
+        assert mask.gather(1, orders[:, :k]).all()  # the first k of each order
+
+
 def test_sampling_trajectory_reveals_each_token_once_per_phase():
     model = tiny()
     cfg = model.cfg

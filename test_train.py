@@ -320,7 +320,8 @@ def test_train_then_sample_end_to_end(image_folder, tmp_path):
     assert [r["step"] for r in rows] == [3, 6] and all(np.isfinite(r["loss"]) for r in rows)
     grid, npz, gif = tmp_path / "grid.png", tmp_path / "s.npz", tmp_path / "t.gif"
     sample.main(["--ckpt", str(out / "checkpoint.pt"), "--grid", str(grid), "--labels", "0", "1", "--per-class", "3",
-                 "--num-images", "6", "--npz", str(npz), "--trajectory", str(gif), "--device", "cpu", "--batch-size", "4"])
+                 "--num-images", "6", "--npz", str(npz), "--trajectory", str(gif), "--device", "cpu", "--batch-size", "4",
+                 "--dense-diffusion-steps", "3", "1"])
     assert np.asarray(Image.open(grid)).shape[:2] == (2 * 34 + 2, 3 * 34 + 2)  # 2 rows x 3 images of 32 px + gaps
     data = np.load(npz)
     assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (6, 32, 32, 3)
@@ -367,6 +368,12 @@ def test_bad_flags_and_checkpoints_give_clear_errors(image_folder, tmp_path):
     ckpt = str(out / "checkpoint.pt")
     with pytest.raises(SystemExit, match="dense-steps must be between 1 and 64"):
         sample.main(["--ckpt", ckpt, "--dense-steps", "0", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="takes one or two numbers between 1 and 1000"):
+        sample.main(["--ckpt", ckpt, "--dense-diffusion-steps", "50", "0", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="dense_diffusion_steps must be a number or a pair"):
+        train.main(train_args(image_folder, tmp_path / "c", 3) + ["--set", "dense_diffusion_steps=many"])
+    with pytest.raises(SystemExit, match="must be between 1 and diffusion_steps"):
+        train.main(train_args(image_folder, tmp_path / "d", 3) + ["--set", "dense_diffusion_steps=50,0"])
     with pytest.raises(SystemExit, match="cannot write"):
         sample.main(["--ckpt", ckpt, "--grid", str(tmp_path / "no" / "such" / "dir.png"), "--device", "cpu"])
 

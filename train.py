@@ -294,7 +294,7 @@ def batch_at(data: ImageData, step: int, batch_size: int, seed: int, device,
 # How long each preset trains when --max-steps is not given, and its EMA decay.
 RECIPES = {
     "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99),
-    "cifar10": dict(steps=8800, batch_size=256, lr=8e-4, warmup=500, ema_decay=0.999),
+    "cifar10": dict(steps=8700, batch_size=256, lr=8e-4, warmup=500, ema_decay=0.999),
     "imagenet64": dict(steps=200000, batch_size=512, lr=4e-4, warmup=5000, ema_decay=0.9999),
 }
 

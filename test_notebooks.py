@@ -1,0 +1,57 @@
+"""Tests of notebooks/: every notebook runs top to bottom in a fresh kernel, and is saved with its outputs.
+
+The notebooks are executed in memory (the files are not rewritten), with notebooks/ as the working directory, as
+when they are opened there. Together they take a few minutes on a 2-core CPU: notebook 2 samples from the shipped
+checkpoint and notebook 3 trains a tiny model.
+"""
+
+import glob
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
+NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
+CELL_TIMEOUT = 600  # seconds per cell
+MAX_BYTES = 1_000_000  # a saved notebook, outputs included
+
+try:
+    import ipykernel  # noqa: F401  (the kernel that runs the notebooks; it brings the "python3" kernelspec)
+    import nbformat
+    from nbclient import NotebookClient
+    MISSING = None
+except ImportError as e:
+    MISSING = e
+
+
+def needs_notebook_tools():
+    if MISSING is not None:
+        pytest.fail(f"the notebook tests need nbformat, nbclient and ipykernel ({MISSING}): "
+                    "pip install -r requirements-dev.txt", pytrace=False)
+
+
+def test_the_notebooks_are_there():
+    names = {os.path.basename(p) for p in NOTEBOOKS}
+    assert {"01_tokens_and_pivots.ipynb", "02_hierarchical_unmasking.ipynb", "03_train_a_tiny_himar.ipynb"} <= names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_is_saved_with_its_outputs(path):
+    needs_notebook_tools()
+    assert os.path.getsize(path) < MAX_BYTES, f"{path} is over {MAX_BYTES} bytes: lower the figures' size or dpi"
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.execution_count is not None for c in code), f"{path} is saved without running every cell"
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), f"{path} was not run top to bottom"
+    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"{path} is saved with an error: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs_top_to_bottom(path):
+    needs_notebook_tools()
+    nb = nbformat.read(path, as_version=4)  # an in-memory copy: the file keeps its saved outputs
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                            resources={"metadata": {"path": NOTEBOOK_DIR}})
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
