@@ -432,6 +432,17 @@ class DiffusionHead(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
+def twice(x):
+    """x stacked on itself along the batch, for the two branches of classifier-free guidance (None stays None)."""
+    return None if x is None else torch.cat([x, x])
+
+
+def at(x, where):
+    """The rows of x [B, n, C] at the True positions of where [B, n], the same number k in every image:
+    [B, k, C] (None stays None)."""
+    return None if x is None else x[where].view(x.shape[0], -1, x.shape[-1])
+
+
 class HiMAR(nn.Module):
     """Hi-MAR (paper Fig. 2): one scale-aware transformer shared by the two phases, an MLP head for the pivots
     and a Diffusion Transformer head for the dense tokens. The sequence the transformer sees:
@@ -613,14 +624,14 @@ class HiMAR(nn.Module):
         orders = random_orders(B, n, device, generator)
         guided = cfg_scale != 1.0
         # CFG: a second branch with the null class, sharing the tokens (and pivots) of the first
-        both = (lambda x: None if x is None else torch.cat([x, x])) if guided else (lambda x: x)
         if guided:
             labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
-        pivot_context = both(pivot_context)
+        pivot_context = twice(pivot_context) if guided else pivot_context
 
         for step, num_masked in enumerate(reveal_schedule(n, steps)):
             # 1. the transformer looks at everything revealed so far
-            z = self.transformer(phase, labels, both(tokens), both(mask), pivot_context)  # [B(x2), n, W]
+            seen = (twice(tokens), twice(mask)) if guided else (tokens, mask)
+            z = self.transformer(phase, labels, *seen, pivot_context)  # [B (x2 with CFG), n, W]
             z, z_null = z.chunk(2) if guided else (z, None)
             # 2. the positions revealed at this step, and the guidance scale (rising linearly with progress)
             reveal = mask & ~mask_by_order(orders, num_masked)  # [B, n]
@@ -630,8 +641,8 @@ class HiMAR(nn.Module):
                 sampled = self.denoise(head, z, z_null, scale, denoising_steps[step], temperature, generator)
                 tokens = torch.where(mask[..., None], sampled, tokens)
             else:  # MLP head: only the revealed tokens, each on its own
-                pick = lambda x: None if x is None else x[reveal].view(B, -1, x.shape[-1])
-                sampled = self.denoise(head, pick(z), pick(z_null), scale, denoising_steps[step], temperature, generator)
+                sampled = self.denoise(head, at(z, reveal), at(z_null, reveal), scale, denoising_steps[step],
+                                       temperature, generator)
                 tokens[reveal] = sampled.flatten(0, 1)
             # 4. the revealed tokens are fixed for good; keep their z
             z_revealed[reveal] = z[reveal]
