@@ -372,6 +372,9 @@ def test_bad_flags_and_checkpoints_give_clear_errors(image_folder, tmp_path):
         sample.main(["--ckpt", ckpt, "--dense-diffusion-steps", "50", "0", "--device", "cpu"])
     with pytest.raises(SystemExit, match="dense_diffusion_steps must be a number or a pair"):
         train.main(train_args(image_folder, tmp_path / "c", 3) + ["--set", "dense_diffusion_steps=many"])
+    assert train.config_from_args(train.parse_args(["--preset", "tiny", "--set", "width=64"])).width == 64  # tiny's heads divide 64
+    with pytest.raises(SystemExit, match="width must be divisible by heads"):
+        train.config_from_args(train.parse_args(["--preset", "tiny", "--set", "width=63"]))
     with pytest.raises(SystemExit, match="must be between 1 and diffusion_steps"):
         train.main(train_args(image_folder, tmp_path / "d", 3) + ["--set", "dense_diffusion_steps=50,0"])
     with pytest.raises(SystemExit, match="cannot write"):

@@ -345,6 +345,14 @@ def parse_args(argv=None):
     return args
 
 
+def config_from_args(args):
+    """The preset's config with the --set changes; a clear error for a combination the config rejects."""
+    try:
+        return himar.preset(args.preset, **config_overrides(args.set))
+    except ValueError as e:  # e.g. a width that the number of heads does not divide
+        raise SystemExit(f"error: --set: {e}") from None
+
+
 def config_overrides(pairs):
     """--set FIELD=VALUE pairs -> {field: value typed like the config's default}."""
     types = {f.name: type(getattr(himar.Config(), f.name)) for f in fields(himar.Config)}
@@ -364,10 +372,6 @@ def config_overrides(pairs):
         except ValueError:
             what = "number or a pair FIRST,LAST" if kind is tuple else kind.__name__
             raise SystemExit(f"error: --set {pair}: {name} must be a {what}") from None
-    try:
-        himar.Config(**overrides)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: --set: {e}") from None
     return overrides
 
 
@@ -465,11 +469,11 @@ def train(args):
         except himar.CheckpointError as e:
             raise SystemExit(f"error: cannot resume: {e}") from None
         cfg = himar.config_from_checkpoint(checkpoint)
-        wanted = himar.preset(args.preset, **config_overrides(args.set))
+        wanted = config_from_args(args)
         if args.set and wanted != cfg:
             raise SystemExit(f"error: --set changes the config of the run in {args.out_dir}; resume it without --set")
     else:
-        cfg = himar.preset(args.preset, **config_overrides(args.set))
+        cfg = config_from_args(args)
     if main_process:
         os.makedirs(args.out_dir, exist_ok=True)
 
