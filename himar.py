@@ -118,13 +118,13 @@ class Config:
 
 
 def annealed_range(steps):
-    """Diffusion steps as a (first, last) pair: an int n means (n, n)."""
+    """Diffusion steps as a (first, last) pair: an int n means (n, n). (See diffusion_schedule in section 3.)"""
     first, last = (steps, steps) if isinstance(steps, int) else steps
     return int(first), int(last)
 
 
 PRESETS = {
-    # CPU tests: 16 pivots and 64 dense tokens of 4x4 pixels, about 0.4M parameters
+    # CPU tests: 16 pivots and 64 dense tokens of 4x4 pixels, about 0.3M parameters
     "tiny": Config(patch_size=4, width=64, depth=2, heads=2, buffer_tokens=1,
                    mlp_head_width=64, mlp_head_depth=2, dit_head_width=64, dit_head_depth=1, dit_head_heads=2,
                    pivot_dropout_warmup=100, pivot_steps=4, dense_steps=2,
@@ -177,7 +177,8 @@ def tokenize(images, p):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Masks: which tokens are hidden in training, and when each is revealed in sampling
+# 3. Masks: which tokens are hidden in training, when each is revealed in sampling, and how many
+#    denoising steps the head takes at each generation step
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -218,16 +219,6 @@ def pivot_dropout_at(cfg, step):
     return cfg.pivot_dropout_start + (cfg.pivot_dropout_end - cfg.pivot_dropout_start) * progress
 
 
-def diffusion_schedule(diffusion_steps, steps):
-    """The head's denoising steps at each of `steps` generation steps, from diffusion_steps = (first, last),
-    linear in between. Annealing them (DiSA, 2025): the more tokens are known, the less the head has to invent,
-    and the fewer denoising steps it needs."""
-    first, last = annealed_range(diffusion_steps)
-    if steps == 1:
-        return [first]
-    return [round(first + (last - first) * k / (steps - 1)) for k in range(steps)]
-
-
 def reveal_schedule(n, steps):
     """How many of n tokens are still masked after each of `steps` sampling steps (MaskGIT's cosine
     schedule): floor(n * cos(pi/2 * (k+1)/steps)), at least one revealed per step, none left at the end."""
@@ -239,6 +230,16 @@ def reveal_schedule(n, steps):
         masked = max(min(target, masked - 1), steps - k - 1)  # reveal >= 1 now, leave >= 1 for each later step
         schedule.append(masked)
     return schedule
+
+
+def diffusion_schedule(diffusion_steps, steps):
+    """The head's denoising steps at each of `steps` generation steps, from diffusion_steps = (first, last),
+    linear in between. Annealing them (DiSA, 2025): the more tokens are known, the less the head has to invent,
+    and the fewer denoising steps it needs."""
+    first, last = annealed_range(diffusion_steps)
+    if steps == 1:
+        return [first]
+    return [round(first + (last - first) * k / (steps - 1)) for k in range(steps)]
 
 
 # ----------------------------------------------------------------------------------------------------
