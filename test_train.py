@@ -390,3 +390,41 @@ def test_ddp_with_two_cpu_processes(image_folder, tmp_path):
     checkpoint = torch.load(out / "checkpoint.pt")
     assert checkpoint["step"] == 3 and len(checkpoint["rng"]["cpu"]) == 2
     assert "batch 8 on 2 x cpu" in result.stdout
+
+
+def test_max_minutes_counts_the_time_of_earlier_segments(image_folder, tmp_path):
+    out = tmp_path / "timed"
+    train.main(train_args(image_folder, out, 6))
+    first = torch.load(out / "checkpoint.pt")["train_seconds"]
+    assert first > 0
+    # the run has already trained longer than this budget: a resumed run stops at its first log point
+    train.main(train_args(image_folder, out, 1000) + ["--resume", "--max-minutes", str(first / 120)])
+    checkpoint = torch.load(out / "checkpoint.pt")
+    assert checkpoint["step"] == 9 and checkpoint["train_seconds"] > first
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [3, 6, 9] and rows[-1]["minutes"] * 60 > first
+
+
+def test_ablation_study_runs_end_to_end(image_folder, tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+    import cifar10_ablation as study
+
+    monkeypatch.setitem(study.VARIANTS, "dit", ("plain DiT", []))  # the tiny preset's size, not the real baseline's
+    out = tmp_path / "study"
+    study.main(["run", "--out", str(out), "--preset", "tiny", "--variants", "mar", "dit", "--score-at", "0.002", "0.004",
+                "--num-images", "10", "--final-images", "20", "--batch-size", "10", "--log-every", "2",
+                "--cfgs", "1.5", "3", "--device", "cpu",
+                "--train-flags", "--dataset", "folder", "--data-dir", image_folder, "--batch-size", "8"])
+    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    for name in ("mar", "dit"):
+        kinds = [r["kind"] for r in rows if r["variant"] == name]
+        assert kinds == ["curve", "curve", "sweep", "final"], kinds
+        curve = [r for r in rows if r["variant"] == name and r["kind"] == "curve"]
+        assert curve[0]["step"] < curve[1]["step"] and 0.004 <= curve[1]["minutes"]
+        assert (out / name / "final_grid.png").exists()
+    assert {r["n"] for r in rows if r["kind"] == "final"} == {20}
+    capsys.readouterr()
+    study.main(["report", str(out), "--plot", str(tmp_path / "curves.png")])
+    table = capsys.readouterr().out
+    assert "| 1. MAR: no pivots, MLP head |" in table and "| plain DiT |" in table
+    assert (tmp_path / "curves.png").exists()

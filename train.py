@@ -312,7 +312,8 @@ def parse_args(argv=None):
                    help="change a config field, e.g. --set pivots=none --set dense_head=mlp (repeatable)")
     p.add_argument("--out-dir", help="where checkpoints, logs and samples go (default: runs/<preset>)")
     p.add_argument("--max-steps", type=int, help="training steps (default: the preset's recipe)")
-    p.add_argument("--max-minutes", type=float, help="also stop after this much training time")
+    p.add_argument("--max-minutes", type=float,
+                   help="also stop once the run has trained this long in all (resumed runs count their earlier time)")
     p.add_argument("--batch-size", type=int, help="global batch size (default: the preset's recipe)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's recipe)")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
@@ -450,7 +451,8 @@ def plot_losses(log_path, png_path):
     plt.close(fig)
 
 
-def train(args):
+def train(args, model_class=himar.HiMAR):
+    """Train model_class(cfg) (Hi-MAR, or another model with the same forward and sample) as args say."""
     rank, world_size, device = setup_distributed(args)
     main_process = rank == 0
     if device.type == "cpu" and main_process and not args.benchmark:
@@ -492,15 +494,15 @@ def train(args):
     if device.type == "cuda" and data.images.numel() < 2**31:  # small data sets live on the GPU
         data.images = data.images.to(device)
 
-    model = himar.HiMAR(cfg).to(device)
+    model = model_class(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = make_optimizer(model, args)
-    start_step = 0
+    start_step, earlier_seconds = 0, 0.0  # where a resumed run starts, and how long it had trained
     if checkpoint is not None:
         himar.load_weights(model, checkpoint, "model")
         himar.load_weights(ema, checkpoint, "ema")
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step = checkpoint["step"]
+        start_step, earlier_seconds = checkpoint["step"], checkpoint.get("train_seconds", 0.0)
         torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
         if device.type == "cuda" and checkpoint["rng"].get("cuda"):
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
@@ -529,7 +531,8 @@ def train(args):
                "cuda": gathered(torch.cuda.get_rng_state()) if device.type == "cuda" else []}
         if main_process:
             himar.save_checkpoint(ckpt_path, {"config": asdict(cfg), "model": model.state_dict(), "ema": ema.state_dict(),
-                                              "optimizer": optimizer.state_dict(), "step": step, "rng": rng, "args": vars(args)})
+                                              "optimizer": optimizer.state_dict(), "step": step, "rng": rng, "args": vars(args),
+                                              "train_seconds": earlier_seconds + train_seconds})
 
     def sample_grid(step):
         if main_process:
@@ -581,7 +584,8 @@ def train(args):
             elapsed = time.time() - timer_start
             train_seconds += elapsed
             means = {k: (v / count).item() for k, v in sums.items()}
-            row = {"step": done, **means, "lr": lr, "images_per_s": timed_images / elapsed}
+            row = {"step": done, **means, "lr": lr, "images_per_s": timed_images / elapsed,
+                   "minutes": (earlier_seconds + train_seconds) / 60}  # training time of the whole run so far
             if main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -592,14 +596,14 @@ def train(args):
                 sample_grid(done)
             if done % args.ckpt_every == 0 or done == args.max_steps:
                 save(done)
-            stop = args.max_minutes is not None and train_seconds > 60 * args.max_minutes
+            stop = args.max_minutes is not None and earlier_seconds + train_seconds >= 60 * args.max_minutes
             timer_start, timed_images = time.time(), 0
             if stop:
                 if done % args.ckpt_every != 0:
                     save(done)
                 sample_grid(done)
                 if main_process:
-                    print(f"stopping after {train_seconds / 60:.1f} minutes of training (--max-minutes)")
+                    print(f"stopping after {(earlier_seconds + train_seconds) / 60:.2f} minutes of training (--max-minutes)")
                 break
 
     # throughput report

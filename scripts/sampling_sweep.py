@@ -23,6 +23,30 @@ import himar  # noqa: E402
 from sample import to_uint8  # noqa: E402
 
 
+def sample_and_score(model, num_images, setting, scorer=None, batch_size=1000, keep=None):
+    """Sample num_images images (classes in turn) with model.sample(**setting), timed after a warm-up, and score
+    them with the scorer script if one is given. Returns {"setting", "n", "seconds", "images_per_s", scores...}.
+    keep: also save the samples there (an npz in the ADM layout)."""
+    device = next(model.parameters()).device
+    labels = torch.arange(num_images) % model.cfg.num_classes
+    model.sample(labels[:8].to(device), seed=123, **setting)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.time()
+    chunks = [to_uint8(model.sample(labels[i:i + batch_size].to(device), seed=i, **setting))
+              for i in range(0, num_images, batch_size)]
+    seconds = time.time() - start
+    row = {"setting": setting, "n": num_images, "seconds": round(seconds, 1), "images_per_s": round(num_images / seconds, 1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = keep or os.path.join(tmp, "samples.npz")
+        np.savez(path, arr_0=np.concatenate(chunks), arr_1=labels.numpy())
+        if scorer:
+            out = subprocess.run([sys.executable, scorer, path, "--device", device.type],
+                                 capture_output=True, text=True, check=True).stdout
+            row.update(json.loads(out.strip().splitlines()[-1]))
+    return row
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt", required=True)
@@ -34,25 +58,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     model = himar.model_from_checkpoint(args.ckpt, args.device)
-    labels = torch.arange(args.num_images) % model.cfg.num_classes
     for text in args.settings:
-        setting = json.loads(text)
-        model.sample(labels[:8].to(args.device), seed=123, **setting)  # warm-up
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.time()
-        chunks = [to_uint8(model.sample(labels[i:i + args.batch_size].to(args.device), seed=i, **setting))
-                  for i in range(0, args.num_images, args.batch_size)]
-        seconds = time.time() - start
-        row = {"setting": setting, "n": args.num_images, "seconds": round(seconds, 1),
-               "images_per_s": round(args.num_images / seconds, 1)}
-        if args.scorer:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "samples.npz")
-                np.savez(path, arr_0=np.concatenate(chunks), arr_1=labels.numpy())
-                out = subprocess.run([sys.executable, args.scorer, path, "--device", args.device],
-                                     capture_output=True, text=True, check=True).stdout
-                row.update(json.loads(out.strip().splitlines()[-1]))
+        row = sample_and_score(model, args.num_images, json.loads(text), args.scorer, args.batch_size)
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
