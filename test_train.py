@@ -427,4 +427,8 @@ def test_ablation_study_runs_end_to_end(image_folder, tmp_path, monkeypatch, cap
     study.main(["report", str(out), "--plot", str(tmp_path / "curves.png")])
     table = capsys.readouterr().out
     assert "| 1. MAR: no pivots, MLP head |" in table and "| plain DiT |" in table
-    assert (tmp_path / "curves.png").exists()
+    assert not (tmp_path / "curves.png").exists()  # nothing was scored: no curves to plot
+    with open(out / "results.jsonl", "w") as f:  # as if a scorer had scored every sample set
+        f.writelines(json.dumps({**r, "fd": 10.0 + i, "acc": 0.5}) + "\n" for i, r in enumerate(rows))
+    study.main(["report", str(out), "--plot", str(tmp_path / "curves.png")])
+    assert "| 0.5 |" in capsys.readouterr().out and (tmp_path / "curves.png").exists()
