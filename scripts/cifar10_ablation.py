@@ -158,7 +158,8 @@ def save_class_grid(npz_path, png_path, num_classes, per_class=10):
 
 
 def read_results(out):
-    path = os.path.join(out, "results.jsonl")
+    """The rows of OUT/results.jsonl (out: the study's folder, or a results file itself)."""
+    path = out if os.path.isfile(out) else os.path.join(out, "results.jsonl")
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
@@ -166,7 +167,7 @@ def report(out, plot=None):
     """A markdown table of the final rows, and (with plot) fd and acc against training time and steps."""
     rows = read_results(out)
     if not rows:
-        raise SystemExit(f"error: no results in {os.path.join(out, 'results.jsonl')}: run the study first")
+        raise SystemExit(f"error: no results in {out}: run the study first")
     names = [n for n in VARIANTS if any(r["variant"] == n for r in rows)]
     lines = ["| variant | parameters | steps in the budget | training images/s | best CFG | `fd` | `acc` | sampling images/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -229,7 +230,7 @@ def parse_args(argv=None):
     r.add_argument("--train-flags", nargs=argparse.REMAINDER, default=[],
                    help="anything after this goes to train.py as is (e.g. --dataset folder --batch-size 8)")
     rep = sub.add_parser("report", help="the table (markdown) and the plot from OUT/results.jsonl")
-    rep.add_argument("out")
+    rep.add_argument("out", help="the study's --out folder, or a results .jsonl file")
     rep.add_argument("--plot", help="PNG path for the curves")
     args = p.parse_args(argv)
     if args.command == "run":
