@@ -423,6 +423,7 @@ def test_ablation_study_runs_end_to_end(image_folder, tmp_path, monkeypatch, cap
         assert curve[0]["step"] < curve[1]["step"] and 0.004 <= curve[1]["minutes"]
         assert (out / name / "final_grid.png").exists()
     assert {r["n"] for r in rows if r["kind"] == "final"} == {20}
+    assert {(r["budget"], r["device"]) for r in rows} == {(0.004, "cpu")}
     capsys.readouterr()
     study.main(["report", str(out), "--plot", str(tmp_path / "curves.png")])
     table = capsys.readouterr().out
@@ -432,3 +433,7 @@ def test_ablation_study_runs_end_to_end(image_folder, tmp_path, monkeypatch, cap
         f.writelines(json.dumps({**r, "fd": 10.0 + i, "acc": 0.5}) + "\n" for i, r in enumerate(rows))
     study.main(["report", str(out), "--plot", str(tmp_path / "curves.png")])
     assert "| 0.5 |" in capsys.readouterr().out and (tmp_path / "curves.png").exists()
+    study.main(["grids", str(out), str(tmp_path / "grids.png")])
+    assert (tmp_path / "grids.png").exists()
+    with pytest.raises(SystemExit, match="run the study first"):
+        study.main(["grids", str(tmp_path / "nothing"), str(tmp_path / "none.png")])

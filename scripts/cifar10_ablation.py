@@ -2,6 +2,7 @@
 
     python scripts/cifar10_ablation.py run --scorer PATH/score_cifar10.py --data-dir DATA --out runs/ablation
     python scripts/cifar10_ablation.py report runs/ablation --plot figures/cifar10_ablation.png
+    python scripts/cifar10_ablation.py grids runs/ablation figures/cifar10_ablation_samples.png
 
 `run` trains every variant (or those named by --variants) one after the other on the same GPU, with train.py's
 training loop and the same data, seed, token layout, batch and EMA, for the same training time. Each run is
@@ -9,7 +10,9 @@ trained in segments that end at the --score-at minutes; after each segment the E
 --num-images images with CFG --curve-cfg and are scored (the curves of score against training time). After
 the last segment, each CFG of --cfgs is tried on --num-images images, and 10,000 images are sampled with the
 best one (lowest fd), timed, and scored: the table's numbers. Everything measured is appended to
-OUT/results.jsonl as it comes; `report` turns that file into a markdown table and a plot.
+OUT/results.jsonl as it comes, each row tagged with its budget (the last --score-at) and GPU; `report` turns
+that file into a markdown table (one row per variant and budget) and a plot; `grids` puts the variants' final
+sample grids side by side.
 
 The learning rate is constant after the warm-up, so that a run stopped at any time is as finished as it will
 get; the cifar10 recipe's cosine decay would favour the runs whose length it was set for.
@@ -106,6 +109,10 @@ def cfg_setting(name, scale):
     return {"dense_cfg": scale} if name == "dit" else {"pivot_cfg": scale, "dense_cfg": scale}
 
 
+def device_name(device):
+    return torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
+
+
 def load_ema(name, checkpoint_path, device):
     checkpoint = himar.load_checkpoint(checkpoint_path, device)
     model = model_class(name)(himar.config_from_checkpoint(checkpoint)).to(device)
@@ -127,8 +134,9 @@ def run_variant(name, args, log):
         resume = ["--resume"] if os.path.exists(checkpoint_path) else []
         train.train(train.parse_args(common + ["--max-minutes", str(minutes)] + resume), model_class=model_class(name))
         model, checkpoint = load_ema(name, checkpoint_path, args.device)
-        at = {"variant": name, "step": checkpoint["step"], "minutes": round(checkpoint["train_seconds"] / 60, 3),
-              "params": model.num_params(), "batch_size": checkpoint["args"]["batch_size"]}
+        at = {"variant": name, "budget": args.score_at[-1], "step": checkpoint["step"],
+              "minutes": round(checkpoint["train_seconds"] / 60, 3), "params": model.num_params(),
+              "batch_size": checkpoint["args"]["batch_size"], "device": device_name(args.device)}
         curve = {**at, "kind": "curve", "cfg": args.curve_cfg,
                  **sample_and_score(model, args.num_images, cfg_setting(name, args.curve_cfg), args.scorer, args.batch_size)}
         log(curve)
@@ -164,7 +172,8 @@ def read_results(out):
 
 
 def report(out, plot=None):
-    """A markdown table of the final rows, and (with plot) fd and acc against training time and steps."""
+    """A markdown table of the final rows (one per variant and budget), and (with plot) fd and acc against
+    training time and steps: for each variant, the curve of its longest budget."""
     rows = read_results(out)
     if not rows:
         raise SystemExit(f"error: no results in {out}: run the study first")
@@ -172,41 +181,73 @@ def report(out, plot=None):
     lines = ["| variant | parameters | steps in the budget | training images/s | best CFG | `fd` | `acc` | sampling images/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n in names:
-        final = [r for r in rows if r["variant"] == n and r["kind"] == "final"]
-        if not final:
+        finals = sorted((r for r in rows if r["variant"] == n and r["kind"] == "final"), key=lambda r: r["budget"])
+        if not finals:
             lines.append(f"| {VARIANTS[n][0]} | (not finished) | | | | | | |")
-            continue
-        r = final[-1]
-        train_rate = r["step"] * r["batch_size"] / (60 * r["minutes"])
-        score = lambda k: f"{r[k]:.3g}" if k in r else "-"
-        lines.append(f"| {VARIANTS[n][0]} | {r['params'] / 1e6:.1f}M | {r['step']:,} ({r['minutes']:.1f} min) | "
-                     f"{train_rate:,.0f} | {r['cfg']:g} | {score('fd')} | {score('acc')} | {r['images_per_s']:.0f} |")
+        for r in finals:
+            train_rate = r["step"] * r["batch_size"] / (60 * r["minutes"])
+            score = lambda k: f"{r[k]:.3g}" if k in r else "-"
+            lines.append(f"| {VARIANTS[n][0]} | {r['params'] / 1e6:.1f}M | {r['step']:,} ({r['minutes']:.1f} min) | "
+                         f"{train_rate:,.0f} | {r['cfg']:g} | {score('fd')} | {score('acc')} | {r['images_per_s']:.0f} |")
     print("\n".join(lines))
-    if plot and any(r["kind"] == "curve" and "fd" in r for r in rows):  # (unscored runs have no curves)
+    curves = {}  # variant -> the scored curve of its longest budget
+    for n in names:
+        scored = [r for r in rows if r["variant"] == n and r["kind"] == "curve" and "fd" in r]
+        if scored:
+            budget = max(r["budget"] for r in scored)
+            curves[n] = [r for r in scored if r["budget"] == budget]
+    if plot and curves:  # (unscored runs have no curves)
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-        for n in names:
-            curve = [r for r in rows if r["variant"] == n and r["kind"] == "curve" and "fd" in r]
-            if not curve:
-                continue
+        from matplotlib.ticker import ScalarFormatter
+
+        longest = max(curve[0]["budget"] for curve in curves.values())
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
+        for n, curve in curves.items():
+            short = curve[0]["budget"] < longest  # a variant not yet run for the longest budget: dashed
+            label = VARIANTS[n][0] + (f" ({curve[0]['budget']:g}-min run)" if short else "")
             for ax, (x, y) in zip(axes, [("minutes", "fd"), ("minutes", "acc"), ("step", "fd")]):
-                ax.plot([r[x] for r in curve], [r[y] for r in curve], marker="o", label=VARIANTS[n][0])
-        for ax, (x, y) in zip(axes, [("training minutes (H100)", "fd"), ("training minutes (H100)", "acc"),
+                ax.plot([r[x] for r in curve], [r[y] for r in curve], marker="o", ls="--" if short else "-",
+                        label=label)
+        for ax, (x, y) in zip(axes, [("training minutes", "fd"), ("training minutes", "acc"),
                                      ("training steps (batch 256)", "fd")]):
-            ax.set_xlabel(x), ax.set_ylabel(y), ax.grid(alpha=0.3)
-        axes[0].set_yscale("log"), axes[2].set_yscale("log")
-        first = next(r for r in rows if r["kind"] == "curve")
-        fig.suptitle(f"CIFAR-10, equal training time: EMA samples scored along the way ({first['n']:,} images, "
-                     f"CFG {first['cfg']:g})", fontsize=10)
-        axes[1].legend(fontsize=7)
-        fig.tight_layout()
+            ax.set_xlabel(x), ax.set_ylabel(y), ax.grid(alpha=0.3, which="both")
+        for ax in axes[0], axes[2]:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter()), ax.yaxis.set_minor_formatter(ScalarFormatter())
+        first = next(iter(curves.values()))[0]
+        fig.suptitle(f"CIFAR-10, equal training time on {first['device']}: EMA samples scored along the way "
+                     f"({first['n']:,} images, CFG {first['cfg']:g})", fontsize=10)
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
         fig.savefig(plot, dpi=90)
         plt.close(fig)
         print(f"wrote {plot}")
+
+
+def grids(out, png, per_class=6):
+    """The variants' final class grids (OUT/<variant>/final_grid.png) side by side, per_class columns of each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = [(n, plt.imread(os.path.join(out, n, "final_grid.png"))) for n in VARIANTS
+             if os.path.exists(os.path.join(out, n, "final_grid.png"))]
+    if not found:
+        raise SystemExit(f"error: no {out}/<variant>/final_grid.png: run the study first")
+    fig, axes = plt.subplots(1, len(found), figsize=(2.3 * len(found), 3.9), squeeze=False)
+    for ax, (n, image) in zip(axes[0], found):
+        tile = (image.shape[0] - 2) // 10  # 10 rows (classes) of samples, each with grid_array's 2-pixel gap
+        ax.imshow(image[:, :2 + per_class * tile], interpolation="nearest"), ax.axis("off")
+        ax.set_title(VARIANTS[n][0], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    print(f"wrote {png}")
 
 
 def parse_args(argv=None):
@@ -217,12 +258,12 @@ def parse_args(argv=None):
     r.add_argument("--data-dir", default="./data", help="the folder that holds cifar-10-batches-py/")
     r.add_argument("--scorer", help="path of score_cifar10.py (without it, samples are timed but not scored)")
     r.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    r.add_argument("--score-at", type=float, nargs="+", default=[1.25, 2.5, 5.0],
+    r.add_argument("--score-at", type=float, nargs="+", default=[2.0, 5.0, 10.0],
                    help="training minutes after which to score; the last is each variant's budget")
     r.add_argument("--num-images", type=int, default=2000, help="samples per curve point and per CFG of the sweep")
     r.add_argument("--final-images", type=int, default=10000, help="samples for the final score, with the best CFG")
     r.add_argument("--curve-cfg", type=float, default=3.0)
-    r.add_argument("--cfgs", type=float, nargs="+", default=[1.5, 3.0, 4.5], help="the CFG sweep at the end")
+    r.add_argument("--cfgs", type=float, nargs="+", default=[1.5, 3.0], help="the CFG sweep at the end")
     r.add_argument("--batch-size", type=int, default=1000, help="sampling batch")
     r.add_argument("--preset", default="cifar10", choices=list(himar.PRESETS))
     r.add_argument("--log-every", type=int, default=50, help="train.py's --log-every; a segment ends at one of these")
@@ -232,6 +273,9 @@ def parse_args(argv=None):
     rep = sub.add_parser("report", help="the table (markdown) and the plot from OUT/results.jsonl")
     rep.add_argument("out", help="the study's --out folder, or a results .jsonl file")
     rep.add_argument("--plot", help="PNG path for the curves")
+    g = sub.add_parser("grids", help="the variants' final sample grids side by side in one PNG")
+    g.add_argument("out", help="the study's --out folder")
+    g.add_argument("png")
     args = p.parse_args(argv)
     if args.command == "run":
         if args.score_at != sorted(args.score_at) or args.score_at[0] <= 0:
@@ -245,6 +289,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.command == "report":
         return report(args.out, args.plot)
+    if args.command == "grids":
+        return grids(args.out, args.png)
     os.makedirs(args.out, exist_ok=True)
 
     def log(row):
