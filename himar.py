@@ -444,6 +444,28 @@ def at(x, where):
     return None if x is None else x[where].view(x.shape[0], -1, x.shape[-1])
 
 
+def init_weights(model):
+    """DiT's initialisation, for Hi-MAR (and any model built from these blocks): xavier-uniform linear layers
+    with zero bias; adaLN-Zero, where every per-token modulation and each head's output layer start at zero
+    (the heads start by predicting zero noise); learned embeddings N(0, 0.02)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    zero = []
+    for m in model.modules():
+        if isinstance(m, AdaLN):
+            zero.append(m.modulation[1])
+        if isinstance(m, DiffusionHead):
+            zero += [m.out_modulation[1], m.output]
+    for layer in zero:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    for name, p in model.named_parameters():
+        if name.startswith(("pos_", "mask_token", "pivot_placeholder", "class_embed")) or name.endswith(".pos"):
+            nn.init.normal_(p, std=0.02)
+
+
 class HiMAR(nn.Module):
     """Hi-MAR (paper Fig. 2): one scale-aware transformer shared by the two phases, an MLP head for the pivots
     and a Diffusion Transformer head for the dense tokens. The sequence the transformer sees:
@@ -480,25 +502,7 @@ class HiMAR(nn.Module):
             self.pivot_placeholder = nn.Parameter(torch.zeros(1, cfg.num_pivots, W))  # a pivot with no condition
         if cfg.pivots == "conditional":
             self.pivot_condition = nn.Linear(W, W)  # z_s -> conditional token
-        self._init_weights()
-
-    def _init_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        zero = []  # adaLN-Zero (DiT): modulations start at zero, heads start by predicting zero noise
-        for m in self.modules():
-            if isinstance(m, AdaLN):
-                zero.append(m.modulation[1])
-            if isinstance(m, DiffusionHead):
-                zero += [m.out_modulation[1], m.output]
-        for layer in zero:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        for name, p in self.named_parameters():
-            if name.startswith(("pos_", "mask_token", "pivot_placeholder", "class_embed")) or name.endswith(".pos"):
-                nn.init.normal_(p, std=0.02)
+        init_weights(self)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

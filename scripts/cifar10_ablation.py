@@ -49,7 +49,7 @@ class DiT(nn.Module):
         self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.width)  # the last class is the null class (CFG)
         self.net = himar.DiffusionHead(cfg.token_dim, cfg.width, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio,
                                        cfg.num_dense)
-        himar.HiMAR._init_weights(self)  # Hi-MAR's initialisation: xavier, adaLN-Zero, small embeddings
+        himar.init_weights(self)  # Hi-MAR's initialisation: xavier, adaLN-Zero, small embeddings
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
