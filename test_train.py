@@ -437,3 +437,23 @@ def test_ablation_study_runs_end_to_end(image_folder, tmp_path, monkeypatch, cap
     assert (tmp_path / "grids.png").exists()
     with pytest.raises(SystemExit, match="run the study first"):
         study.main(["grids", str(tmp_path / "nothing"), str(tmp_path / "none.png")])
+
+
+def test_flops_by_part_accounts_for_the_whole_forward_pass(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+    import flops_by_part
+
+    parts, total = flops_by_part.main(["--preset", "tiny"])
+    assert sum(parts.values()) == pytest.approx(total, rel=1e-6)  # every FLOP belongs to one part
+    assert {"blocks", "dense_head", "pivot_head"} <= set(parts)
+    cfg, W = himar.preset("tiny"), himar.preset("tiny").width
+
+    def block(L):  # one block on L tokens: qkv, proj and the MLP (2 FLOPs per multiply-add), then attention
+        return 2 * L * W * W * (4 + 2 * cfg.mlp_ratio) + 4 * L * L * W
+
+    phase1 = cfg.buffer_tokens + cfg.num_pivots  # [buffer | pivots]
+    phase2 = phase1 + cfg.num_dense  # [buffer | pivot context | dense]
+    assert parts["blocks"] == cfg.depth * (block(phase1) + block(phase2))
+    mar, _ = flops_by_part.main(["--preset", "tiny", "--set", "pivots=none", "--set", "dense_head=mlp"])
+    assert "pivot_head" not in mar and mar["blocks"] < parts["blocks"]
+    assert "GFLOP per image" in capsys.readouterr().out
