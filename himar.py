@@ -35,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Config
+# 1. Config: the sizes, the training choices, the paper's ablation switches (Table 5) and the sampling
+#    defaults, in one dataclass
 # ----------------------------------------------------------------------------------------------------
 
 PIVOT, DENSE = 0, 1  # the two phases (the paper's two scales); the index feeds the scale vector
@@ -301,7 +302,7 @@ class Diffusion:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Building blocks
+# 5. Building blocks: attention, the shared transformer's scale-aware block (eq. 2), per-token adaLN (eq. 3)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -429,7 +430,7 @@ class DiffusionHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. The model
+# 7. The model (Fig. 2): the shared transformer, one training step over both phases, two-phase sampling
 # ----------------------------------------------------------------------------------------------------
 
 
