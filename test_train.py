@@ -432,7 +432,12 @@ def test_ablation_study_runs_end_to_end(image_folder, tmp_path, monkeypatch, cap
     with open(out / "results.jsonl", "w") as f:  # as if a scorer had scored every sample set
         f.writelines(json.dumps({**r, "fd": 10.0 + i, "acc": 0.5}) + "\n" for i, r in enumerate(rows))
     study.main(["report", str(out), "--plot", str(tmp_path / "curves.png")])
-    assert "| 0.5 |" in capsys.readouterr().out and (tmp_path / "curves.png").exists()
+    report = capsys.readouterr().out
+    assert "| 0.50 |" in report and (tmp_path / "curves.png").exists()
+    equal = min(max(r["step"] for r in rows if r["variant"] == n and r["kind"] == "curve") for n in ("mar", "dit"))
+    assert f"At equal steps: {equal:,} steps" in report
+    curve = [{"step": 100, "fd": 20.0}, {"step": 300, "fd": 10.0}, {"step": 700, "fd": 6.0}]
+    assert [study.at_step(curve, s, "fd") for s in (100, 200, 300, 500, 50, 800)] == [20.0, 15.0, 10.0, 8.0, None, None]
     study.main(["grids", str(out), str(tmp_path / "grids.png")])
     assert (tmp_path / "grids.png").exists()
     with pytest.raises(SystemExit, match="run the study first"):

@@ -11,8 +11,9 @@ trained in segments that end at the --score-at minutes; after each segment the E
 the last segment, each CFG of --cfgs is tried on --num-images images, and 10,000 images are sampled with the
 best one (lowest fd), timed, and scored: the table's numbers. Everything measured is appended to
 OUT/results.jsonl as it comes, each row tagged with its budget (the last --score-at) and GPU; `report` turns
-that file into a markdown table (one row per variant and budget) and a plot; `grids` puts the variants' final
-sample grids side by side.
+that file into markdown tables (one row per variant and budget; and the equal-steps view: every curve read at
+the step count that the slowest variant reached) and a plot; `grids` puts the variants' final sample grids
+side by side.
 
 The learning rate is constant after the warm-up, so that a run stopped at any time is as finished as it will
 get; the cifar10 recipe's cosine decay would favour the runs whose length it was set for.
@@ -171,9 +172,19 @@ def read_results(out):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
+def at_step(curve, step, key):
+    """curve's value of key at a step count, linear between the two scored points around it (None outside)."""
+    for a, b in zip(curve, curve[1:]):
+        if a["step"] <= step <= b["step"]:
+            w = (step - a["step"]) / (b["step"] - a["step"])
+            return (1 - w) * a[key] + w * b[key]
+    return curve[0][key] if len(curve) == 1 and curve[0]["step"] == step else None
+
+
 def report(out, plot=None):
-    """A markdown table of the final rows (one per variant and budget), and (with plot) fd and acc against
-    training time and steps: for each variant, the curve of its longest budget."""
+    """A markdown table of the final rows (one per variant and budget), a table of fd and acc at equal steps,
+    and (with plot) fd and acc against training time and steps: for each variant, the curve of its longest
+    budget."""
     rows = read_results(out)
     if not rows:
         raise SystemExit(f"error: no results in {out}: run the study first")
@@ -186,9 +197,9 @@ def report(out, plot=None):
             lines.append(f"| {VARIANTS[n][0]} | (not finished) | | | | | | |")
         for r in finals:
             train_rate = r["step"] * r["batch_size"] / (60 * r["minutes"])
-            score = lambda k: f"{r[k]:.3g}" if k in r else "-"
+            fd, acc = (f"{r['fd']:.1f}", f"{r['acc']:.2f}") if "fd" in r else ("-", "-")
             lines.append(f"| {VARIANTS[n][0]} | {r['params'] / 1e6:.1f}M | {r['step']:,} ({r['minutes']:.1f} min) | "
-                         f"{train_rate:,.0f} | {r['cfg']:g} | {score('fd')} | {score('acc')} | {r['images_per_s']:.0f} |")
+                         f"{train_rate:,.0f} | {r['cfg']:g} | {fd} | {acc} | {r['images_per_s']:.0f} |")
     print("\n".join(lines))
     curves = {}  # variant -> the scored curve of its longest budget
     for n in names:
@@ -196,6 +207,18 @@ def report(out, plot=None):
         if scored:
             budget = max(r["budget"] for r in scored)
             curves[n] = [r for r in scored if r["budget"] == budget]
+    if curves:  # the equal-steps view: every curve read at the step count that the slowest variant reached
+        step = min(curve[-1]["step"] for curve in curves.values())
+        first = next(iter(curves.values()))[0]
+        print(f"\nAt equal steps: {step:,} steps, read off each curve ({first['n']:,} samples, CFG {first['cfg']:g}; "
+              "linear between its scored points)\n")
+        print(f"| variant | training minutes to {step:,} steps | `fd` | `acc` |\n| --- | --- | --- | --- |")
+        for n, curve in curves.items():
+            at = {k: at_step(curve, step, k) for k in ("minutes", "fd", "acc")}
+            if at["fd"] is None:
+                print(f"| {VARIANTS[n][0]} | (its curve starts after {step:,} steps) | | |")
+            else:
+                print(f"| {VARIANTS[n][0]} | {at['minutes']:.1f} | {at['fd']:.1f} | {at['acc']:.2f} |")
     if plot and curves:  # (unscored runs have no curves)
         import matplotlib
 
