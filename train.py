@@ -401,14 +401,18 @@ def update_ema(ema, model, decay):
 
 
 def flops_per_image(model, device):
-    """FLOPs of one training step per image (forward + backward), counted by PyTorch on a batch of 4."""
+    """FLOPs of one training step per image (forward + backward), counted by PyTorch on a batch of 4.
+    On a GPU the attention kernel that training uses is counted (its backward recomputes the scores). PyTorch
+    cannot count the CPU's fused attention kernel, so on a CPU attention is counted with the plain one."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = model.cfg
     images = torch.zeros(4, cfg.channels, cfg.image_size, cfg.image_size, device=device)
     labels = torch.zeros(4, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)
-    with counter, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the RNG as it was
+    countable = contextlib.nullcontext() if device.type == "cuda" else sdpa_kernel(SDPBackend.MATH)
+    with counter, countable, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # RNG kept
         loss, _ = model(images, labels, pivot_dropout=0.0)
         loss.backward()
     model.zero_grad(set_to_none=True)
