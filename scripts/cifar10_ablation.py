@@ -174,11 +174,8 @@ def read_results(out):
 
 def at_step(curve, step, key):
     """curve's value of key at a step count, linear between the two scored points around it (None outside)."""
-    for a, b in zip(curve, curve[1:]):
-        if a["step"] <= step <= b["step"]:
-            w = (step - a["step"]) / (b["step"] - a["step"])
-            return (1 - w) * a[key] + w * b[key]
-    return curve[0][key] if len(curve) == 1 and curve[0]["step"] == step else None
+    steps = [r["step"] for r in curve]
+    return float(np.interp(step, steps, [r[key] for r in curve])) if steps[0] <= step <= steps[-1] else None
 
 
 def report(out, plot=None):
@@ -207,19 +204,21 @@ def report(out, plot=None):
         if scored:
             budget = max(r["budget"] for r in scored)
             curves[n] = [r for r in scored if r["budget"] == budget]
-    if curves:  # the equal-steps view: every curve read at the step count that the slowest variant reached
-        step = min(curve[-1]["step"] for curve in curves.values())
-        first = next(iter(curves.values()))[0]
-        print(f"\nAt equal steps: {step:,} steps, read off each curve ({first['n']:,} samples, CFG {first['cfg']:g}; "
-              "linear between its scored points)\n")
-        print(f"| variant | training minutes to {step:,} steps | `fd` | `acc` |\n| --- | --- | --- | --- |")
-        for n, curve in curves.items():
-            at = {k: at_step(curve, step, k) for k in ("minutes", "fd", "acc")}
-            if at["fd"] is None:
-                print(f"| {VARIANTS[n][0]} | (its curve starts after {step:,} steps) | | |")
-            else:
-                print(f"| {VARIANTS[n][0]} | {at['minutes']:.1f} | {at['fd']:.1f} | {at['acc']:.2f} |")
-    if plot and curves:  # (unscored runs have no curves)
+    if not curves:  # unscored runs have no curves
+        return
+    first = next(iter(curves.values()))[0]  # the curves' sample count and CFG, for the captions
+    # the equal-steps view: every curve read at the step count that the slowest variant reached
+    step = min(curve[-1]["step"] for curve in curves.values())
+    print(f"\nAt equal steps: {step:,} steps, read off each curve ({first['n']:,} samples, CFG {first['cfg']:g}; "
+          "linear between its scored points)\n")
+    print(f"| variant | training minutes to {step:,} steps | `fd` | `acc` |\n| --- | --- | --- | --- |")
+    for n, curve in curves.items():
+        at = {k: at_step(curve, step, k) for k in ("minutes", "fd", "acc")}
+        if at["fd"] is None:
+            print(f"| {VARIANTS[n][0]} | (its curve starts after {step:,} steps) | | |")
+        else:
+            print(f"| {VARIANTS[n][0]} | {at['minutes']:.1f} | {at['fd']:.1f} | {at['acc']:.2f} |")
+    if plot:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -241,7 +240,6 @@ def report(out, plot=None):
         for ax in axes[0], axes[2]:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter()), ax.yaxis.set_minor_formatter(ScalarFormatter())
-        first = next(iter(curves.values()))[0]
         fig.suptitle(f"CIFAR-10, equal training time on {first['device']}: EMA samples scored along the way "
                      f"({first['n']:,} images, CFG {first['cfg']:g})", fontsize=10)
         fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
