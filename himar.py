@@ -12,14 +12,15 @@ token conditioned on the transformer's output z for its position. Hi-MAR generat
 One transformer serves both phases; a "scale vector" tells it which phase it is in.
 
 Read top to bottom:
-    1. Config           one dataclass, named presets
+    1. Config           the model (one dataclass, named presets) and the sampling settings
     2. Tokenizer        pixels <-> dense tokens and pivot tokens
-    3. Masks            training mask ratios, the sampling schedule
-    4. Diffusion        cosine schedule, training loss, reverse sampler (shared by both heads)
-    5. Building blocks  attention, the scale-aware block (eq. 2), the adaLN layer (eq. 3)
-    6. Heads            the per-token MLP head and the Diffusion Transformer head
+    3. Masks            training mask ratios, pivot dropout, the sampling schedule
+    4. Diffusion        cosine schedule, q_sample, training loss, DDPM / DDIM reverse samplers
+    5. Building blocks  attention, the scale-aware block (eq. 2), the DiT block (eq. 3)
+    6. Heads            the per-token MLP head and the Diffusion Transformer head, each with its loss and sampler
     7. The model        HiMAR: one training step (both phases), and the two-phase sampling loop
     8. Checkpoints      save / load with the config inside
+    9. Pictures         images -> a PNG grid
 
 Shapes: B batch, Np pivot tokens, Nd dense tokens (Nd = 4 Np), D values per token (C*p*p),
 W transformer width, L sequence length.
@@ -27,19 +28,66 @@ W transformer width, L sequence length.
 
 import math
 import os
+import re
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Config: the sizes, the training choices, the paper's ablation switches (Table 5) and the sampling
-#    defaults, in one dataclass
+# 1. Config: the sizes, the training choices and the paper's ablation switches (Table 5) in one dataclass,
+#    and the sampling settings (the paper's K1, K2, CFG per phase, the heads' samplers) in another
 # ----------------------------------------------------------------------------------------------------
 
 PIVOT, DENSE = 0, 1  # the two phases (the paper's two scales); the index feeds the scale vector
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass
+class Sampling:
+    """How to generate: the steps of each phase, classifier-free guidance per phase (the reference uses the
+    pivot scale >= the dense scale), and each head's reverse diffusion. Diffusion steps are an int, or a
+    (first, last) pair annealed over the phase's generation steps (see diffusion_schedule)."""
+    pivot_steps: int = 32  # K1: generation steps of phase 1
+    dense_steps: int = 1  # K2: generation steps of phase 2
+    pivot_cfg: float = 3.0  # guidance scale of phase 1 (reached at its end: it rises linearly)
+    dense_cfg: float = 3.0  # guidance scale of phase 2
+    temperature: float = 1.0  # scales the noise of the DDPM sampler (DDIM has none)
+    pivot_diffusion_steps: tuple = (50, 50)  # MLP head: denoising steps at the (first, last) generation step
+    dense_diffusion_steps: tuple = (50, 50)  # DiT head: likewise
+    pivot_sampler: str = "ddim"  # "ddpm" (ancestral) or "ddim" (deterministic, eta 0); see REPORT.md for the choice
+    dense_sampler: str = "ddim"
+
+    def __post_init__(self):
+        self.pivot_diffusion_steps = annealed_range(self.pivot_diffusion_steps)
+        self.dense_diffusion_steps = annealed_range(self.dense_diffusion_steps)
+        checks = [
+            (self.pivot_steps >= 1, "pivot_steps must be at least 1"),
+            (self.dense_steps >= 1, "dense_steps must be at least 1"),
+            (self.pivot_cfg >= 0 and self.dense_cfg >= 0, "the guidance scales pivot_cfg and dense_cfg must be >= 0"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (min(self.pivot_diffusion_steps + self.dense_diffusion_steps) >= 1, "diffusion steps must be at least 1"),
+            ({self.pivot_sampler, self.dense_sampler} <= set(SAMPLERS), f"the samplers must be one of {SAMPLERS}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Sampling: {message}")
+
+    def check(self, cfg):
+        """The limits that depend on the model: at most one generation step per token, at most T denoising steps."""
+        for name, n in (("pivot_steps", cfg.num_pivots), ("dense_steps", cfg.num_dense)):
+            if getattr(self, name) > n:
+                raise ValueError(f"Sampling: {name} must be between 1 and the number of tokens ({n}), got {getattr(self, name)}")
+        if max(self.pivot_diffusion_steps + self.dense_diffusion_steps) > cfg.diffusion_steps:
+            raise ValueError(f"Sampling: diffusion steps must be between 1 and diffusion_steps ({cfg.diffusion_steps})")
+
+
+def annealed_range(steps):
+    """Diffusion steps as a (first, last) pair: an int n means (n, n)."""
+    first, last = (steps, steps) if isinstance(steps, int) else steps
+    return int(first), int(last)
 
 
 @dataclass
@@ -52,9 +100,9 @@ class Config:
     # the shared transformer
     width: int = 320
     depth: int = 8
-    heads: int = 5
+    num_heads: int = 5  # attention heads
     mlp_ratio: float = 4.0
-    buffer_tokens: int = 4  # prefix tokens that carry the class embedding
+    buffer_tokens: int = 4  # prefix tokens that carry the class embedding (the reference: 64)
     dropout: float = 0.0  # attention and projection dropout in the transformer
     class_dropout: float = 0.1  # probability of the null class in training (for classifier-free guidance)
     # phase-1 head: per-token MLP (MAR)
@@ -64,14 +112,14 @@ class Config:
     # phase-2 head: Diffusion Transformer
     dit_head_width: int = 256
     dit_head_depth: int = 3
-    dit_head_heads: int = 4
+    dit_head_num_heads: int = 4
     dit_head_repeats: int = 2  # noise levels drawn per image and step
     # training
-    mask_ratio_min: float = 0.7  # truncated normal mask ratio (phases trained MAR-style), mean 1
+    mask_ratio_min: float = 0.7  # truncated normal mask ratio (phase 1, and MAR), mean 1
     mask_ratio_std: float = 0.25
     pivot_dropout_start: float = 1.0  # probability that phase 2 sees no pivots, lowered linearly ...
     pivot_dropout_end: float = 0.5
-    pivot_dropout_warmup: int = 2000  # ... over this many training steps
+    pivot_dropout_warmup: float = 0.125  # ... over this fraction of the run (the reference: 100 of 800 epochs)
     pivot_loss_weight: float = 2.0
     dense_loss_weight: float = 0.75
     diffusion_steps: int = 1000
@@ -79,31 +127,25 @@ class Config:
     pivots: str = "conditional"  # "none" (MAR), "visual" (low-res tokens) or "conditional" (Hi-MAR)
     dense_head: str = "dit"  # "mlp" or "dit"
     scale_vector: bool = True
-    # default sampling settings (for CIFAR-10 from the sweep in scripts/cifar10_sampling_sweep.sh; see the README)
-    pivot_steps: int = 32
-    dense_steps: int = 1
-    pivot_cfg: float = 3.0
-    dense_cfg: float = 3.0
-    temperature: float = 1.0
-    pivot_diffusion_steps: tuple = (50, 50)  # the head's denoising steps at the (first, last) generation step;
-    dense_diffusion_steps: tuple = (50, 50)  # linear in between (DiSA's annealing); one int: the same at every step
+    # how this model samples unless told otherwise (for CIFAR-10 from the sweeps in REPORT.md)
+    sampling: Sampling = field(default_factory=Sampling)
 
     def __post_init__(self):
-        self.pivot_diffusion_steps = annealed_range(self.pivot_diffusion_steps)
-        self.dense_diffusion_steps = annealed_range(self.dense_diffusion_steps)
+        if isinstance(self.sampling, dict):  # as read back from a checkpoint
+            self.sampling = Sampling(**self.sampling)
         checks = [
             (self.pivots in ("none", "visual", "conditional"), "pivots must be 'none', 'visual' or 'conditional'"),
             (self.dense_head in ("mlp", "dit"), "dense_head must be 'mlp' or 'dit'"),
             (self.pivots != "none" or self.dense_head == "mlp", "pivots='none' is MAR: it needs dense_head='mlp'"),
             (self.image_size % (2 * self.patch_size) == 0, "image_size must be divisible by 2 * patch_size"),
-            (self.width % self.heads == 0, "width must be divisible by heads"),
-            (self.dit_head_width % self.dit_head_heads == 0, "dit_head_width must be divisible by dit_head_heads"),
-            (all(1 <= n <= self.diffusion_steps for n in self.pivot_diffusion_steps + self.dense_diffusion_steps),
-             "pivot_diffusion_steps and dense_diffusion_steps must be between 1 and diffusion_steps"),
+            (self.width % self.num_heads == 0, "width must be divisible by num_heads"),
+            (self.dit_head_width % self.dit_head_num_heads == 0, "dit_head_width must be divisible by dit_head_num_heads"),
+            (0 <= self.pivot_dropout_warmup <= 1, "pivot_dropout_warmup is a fraction of the run, in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"Config: {message}")
+        self.sampling.check(self)
 
     @property
     def num_dense(self):  # Nd
@@ -118,31 +160,28 @@ class Config:
         return self.channels * self.patch_size**2
 
 
-def annealed_range(steps):
-    """Diffusion steps as a (first, last) pair: an int n means (n, n). (See diffusion_schedule in section 3.)"""
-    first, last = (steps, steps) if isinstance(steps, int) else steps
-    return int(first), int(last)
-
-
 PRESETS = {
     # CPU tests: 16 pivots and 64 dense tokens of 4x4 pixels, about 0.3M parameters
-    "tiny": Config(patch_size=4, width=64, depth=2, heads=2, buffer_tokens=1,
-                   mlp_head_width=64, mlp_head_depth=2, dit_head_width=64, dit_head_depth=1, dit_head_heads=2,
-                   pivot_dropout_warmup=100, pivot_steps=4, dense_steps=2,
-                   pivot_diffusion_steps=10, dense_diffusion_steps=10),
+    "tiny": Config(patch_size=4, width=64, depth=2, num_heads=2, buffer_tokens=1,
+                   mlp_head_width=64, mlp_head_depth=2, dit_head_width=64, dit_head_depth=1, dit_head_num_heads=2,
+                   sampling=Sampling(pivot_steps=4, dense_steps=2, pivot_diffusion_steps=10, dense_diffusion_steps=10)),
     # CIFAR-10, 32x32: 64 pivots and 256 dense tokens of 2x2 pixels (the paper's 8x8 / 16x16 layout)
     "cifar10": Config(),
     # ImageNet 64x64: 64 pivots and 256 dense tokens of 4x4 pixels
-    "imagenet64": Config(image_size=64, patch_size=4, num_classes=1000, width=768, depth=16, heads=12,
-                         mlp_head_width=1024, dit_head_width=384, dit_head_heads=6, pivot_dropout_warmup=10000),
+    "imagenet64": Config(image_size=64, patch_size=4, num_classes=1000, width=768, depth=16, num_heads=12,
+                         mlp_head_width=1024, dit_head_width=384, dit_head_num_heads=6),
 }
 
 
 def preset(name, **overrides):
-    """A named config, optionally with some fields changed: preset("cifar10", depth=8)."""
+    """A named config, optionally with some fields changed: preset("cifar10", depth=8). Sampling settings can be
+    changed by name too: preset("tiny", dense_steps=4)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    cfg = PRESETS[name]
+    sampling_names = {f.name for f in fields(Sampling)}
+    sampling = replace(overrides.pop("sampling", cfg.sampling), **{k: v for k, v in overrides.items() if k in sampling_names})
+    return replace(cfg, sampling=sampling, **{k: v for k, v in overrides.items() if k not in sampling_names})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,8 +217,8 @@ def tokenize(images, p):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Masks: which tokens are hidden in training, when each is revealed in sampling, and how many
-#    denoising steps the head takes at each generation step
+# 3. Masks: which tokens are hidden in training, how often phase 2 trains without pivots, when each token is
+#    revealed in sampling, and how many denoising steps the head takes at each generation step
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -213,11 +252,12 @@ def num_to_mask(ratio, n):
     return max(1, math.ceil(ratio * n))
 
 
-def pivot_dropout_at(cfg, step):
-    """Probability that phase 2 trains without pivots at a training step: starts at 1 (early z_s is noise)
-    and falls linearly to its final value over the warm-up."""
-    progress = min(1.0, step / max(1, cfg.pivot_dropout_warmup))
-    return cfg.pivot_dropout_start + (cfg.pivot_dropout_end - cfg.pivot_dropout_start) * progress
+def pivot_dropout_at(cfg, progress):
+    """Probability that phase 2 trains without pivots, at `progress` (0 to 1) through the training run: it starts
+    at pivot_dropout_start (early z_s is noise) and falls linearly to pivot_dropout_end over the first
+    pivot_dropout_warmup of the run (the reference: 1 -> 0.75 or 0.5 over 100 of 800 epochs)."""
+    ramp = min(1.0, progress / cfg.pivot_dropout_warmup) if cfg.pivot_dropout_warmup > 0 else 1.0
+    return cfg.pivot_dropout_start + (cfg.pivot_dropout_end - cfg.pivot_dropout_start) * ramp
 
 
 def reveal_schedule(n, steps):
@@ -244,14 +284,14 @@ def diffusion_schedule(diffusion_steps, steps):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Diffusion: the process both heads use (DDPM with a cosine schedule, noise prediction)
+# 4. Diffusion: the process both heads use (a cosine schedule, noise prediction, DDPM or DDIM sampling)
 # ----------------------------------------------------------------------------------------------------
 
 
 class Diffusion:
     """Gaussian diffusion over tokens. x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 0..T-1, with the
-    cosine schedule of Nichol & Dhariwal (2021). A head learns eps(x_t | t, z) by MSE; sampling runs the
-    DDPM reverse process on `steps` evenly spaced timesteps (respacing)."""
+    cosine schedule of Nichol & Dhariwal (2021). A head learns eps(x_t | t, z) by MSE; sampling runs the reverse
+    process on `steps` evenly spaced timesteps from T-1 down to 0 (respacing, both ends included)."""
 
     def __init__(self, num_steps):
         self.num_steps = num_steps
@@ -259,7 +299,7 @@ class Diffusion:
         f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
         self.alpha_bar = torch.cumprod(1 - betas, 0)  # [T], float64, on the CPU
-        self._alpha_bar_here = self.alpha_bar  # a copy on the device of the last training batch
+        self._alpha_bar_here = self.alpha_bar  # a copy on the device of the last batch
 
     def _abar(self, t, like):
         """abar_t for a batch of timesteps t [M], shaped to broadcast against `like` [M, ...]."""
@@ -268,41 +308,58 @@ class Diffusion:
         abar = self._alpha_bar_here[t].to(like.dtype)
         return abar.view(-1, *[1] * (like.dim() - 1))
 
-    def loss(self, head, x0, z):
-        """Noise-prediction loss of `head` on clean tokens x0 [M, L, D] conditioned on z [M, L, Wz]; one
-        noise level per row of x0. Returns the loss of every token, [M, L]."""
+    def q_sample(self, x0, t, noise):
+        """x0 [M, ...] noised to the levels t [M]: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        abar = self._abar(t, x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def loss(self, denoiser, x0, z):
+        """Noise-prediction loss of `denoiser` on clean tokens x0 [M, L, D] conditioned on z [M, L, Wz]; one noise
+        level per row of x0. Returns the loss of every token, [M, L]."""
         t = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
-        abar = self._abar(t, x0)
-        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        return (head(x_t, t, z).float() - noise.float()).pow(2).mean(dim=-1)
+        return (denoiser(self.q_sample(x0, t, noise), t, z).float() - noise.float()).pow(2).mean(dim=-1)
+
+    def timesteps(self, steps):
+        """`steps` timesteps evenly spaced from T-1 down to 0; the last step denoises from the smallest noise level."""
+        if steps == 1:
+            return [self.num_steps - 1]
+        return [round(i * (self.num_steps - 1) / (steps - 1)) for i in reversed(range(steps))]
 
     @torch.no_grad()
-    def sample(self, eps_fn, shape, steps, temperature=1.0, generator=None, device="cpu"):
-        """Reverse diffusion from pure noise with `steps` respaced DDPM steps. eps_fn(x_t, t) predicts the
-        noise (classifier-free guidance is applied inside it). The sampler's noise is scaled by `temperature`."""
-        T = self.num_steps
-        timesteps = [(i + 1) * T // steps - 1 for i in range(steps)]  # evenly spaced, ending at T-1
-        x = torch.randn(shape, device=device, generator=generator)
-        for i in reversed(range(steps)):
-            t = timesteps[i]
+    def sample(self, eps_fn, noise, steps, sampler="ddpm", temperature=1.0, generator=None, known=None, keep=None):
+        """Reverse diffusion from `noise` [M, L, D] in `steps` respaced steps; eps_fn(x_t, t) predicts the noise
+        (classifier-free guidance is applied inside it). sampler "ddpm": ancestral, its noise scaled by
+        `temperature`; "ddim": deterministic (eta = 0).
+        Inpainting by replacement: where keep [M, L] is True, the tokens `known` [M, L, D] are given. Before every
+        denoising step they are noised to that step's level (with the starting noise) and written over x, so the
+        denoiser sees them at the right noise level and the rest is sampled to agree with them; they come out
+        exactly as given."""
+        x = noise
+        timesteps = self.timesteps(steps)
+        for i, t in enumerate(timesteps):
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            if known is not None:
+                x = torch.where(keep[..., None], self.q_sample(known, t_batch, noise), x)
             abar = self.alpha_bar[t].item()
-            abar_prev = self.alpha_bar[timesteps[i - 1]].item() if i > 0 else 1.0
-            beta = 1 - abar / abar_prev  # the respaced step's beta
-            eps = eps_fn(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
+            abar_prev = self.alpha_bar[timesteps[i + 1]].item() if i + 1 < steps else 1.0
+            eps = eps_fn(x, t_batch)
             x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)  # tokens are pixels in [-1, 1]
-            # posterior q(x_{t-1} | x_t, x0): mean and variance
-            mean = (math.sqrt(abar_prev) * beta * x0 + math.sqrt(1 - beta) * (1 - abar_prev) * x) / (1 - abar)
-            if i > 0:
+            if sampler == "ddim":  # x_{t-1} = sqrt(abar') x0 + sqrt(1 - abar') eps, eps re-derived from the clamped x0
+                eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+                x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps
+                continue
+            # DDPM: the posterior q(x_{t-1} | x_t, x0) of the respaced step, its mean and variance
+            beta = 1 - abar / abar_prev
+            x = (math.sqrt(abar_prev) * beta * x0 + math.sqrt(1 - beta) * (1 - abar_prev) * x) / (1 - abar)
+            if i + 1 < steps:
                 std = math.sqrt(beta * (1 - abar_prev) / (1 - abar))
-                x = mean + temperature * std * torch.randn(shape, device=device, generator=generator)
-            else:
-                x = mean  # = x0 at the last step
-        return x
+                x = x + temperature * std * torch.randn(x.shape, device=x.device, generator=generator)
+        return x if known is None else torch.where(keep[..., None], known, x)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Building blocks: attention, the shared transformer's scale-aware block (eq. 2), per-token adaLN (eq. 3)
+# 5. Building blocks: attention, the shared transformer's scale-aware block (eq. 2), the DiT head's block (eq. 3)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -317,15 +374,15 @@ def sinusoidal(values, dim):
 class Attention(nn.Module):
     """Multi-head self-attention over all tokens of a sequence (bidirectional), via PyTorch's fused kernel."""
 
-    def __init__(self, width, heads, dropout=0.0):
+    def __init__(self, width, num_heads, dropout=0.0):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.num_heads, self.dropout = num_heads, dropout
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
     def forward(self, x):  # [B, L, W]
         B, L, W = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, L, W/h]
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, W // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, L, W/h]
         p = self.dropout if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, L, W)
         return F.dropout(self.proj(x), p, self.training)
@@ -354,10 +411,10 @@ class ScaleAwareBlock(nn.Module):
 
     a = 0 and b = (1, 0, 1, 1, 0, 1) at the start: the block begins as a plain pre-LN block."""
 
-    def __init__(self, width, heads, mlp_ratio, dropout):
+    def __init__(self, width, num_heads, mlp_ratio, dropout):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
-        self.attn = Attention(width, heads, dropout)
+        self.attn = Attention(width, num_heads, dropout)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
         self.ffn = FeedForward(width, mlp_ratio, dropout)
         one, zero = torch.ones(width), torch.zeros(width)
@@ -371,7 +428,7 @@ class ScaleAwareBlock(nn.Module):
 
 
 class AdaLN(nn.Module):
-    """A residual sublayer with per-token adaptive LayerNorm, DiT's adaLN-Zero (paper eq. 3):
+    """A residual sublayer with per-token adaptive LayerNorm, DiT's adaLN-Zero (the sublayers of eq. 3):
 
         x + gate(c_i) * layer(LN(x) * (1 + scale(c_i)) + shift(c_i))
 
@@ -389,44 +446,128 @@ class AdaLN(nn.Module):
         return x + gate * self.layer(self.norm(x) * (1 + scale) + shift)
 
 
+class DiTBlock(nn.Module):
+    """A block of the Diffusion Transformer head (paper eq. 3): self-attention across all dense tokens, then an
+    MLP, each an adaLN-Zero sublayer modulated per token by c_i = t_emb + proj(z_l_i)."""
+
+    def __init__(self, width, num_heads, mlp_ratio):
+        super().__init__()
+        self.attn = AdaLN(width, Attention(width, num_heads))
+        self.ffn = AdaLN(width, FeedForward(width, mlp_ratio))
+
+    def forward(self, x, c):  # x, c: [B, Nd, width]
+        return self.ffn(self.attn(x, c), c)
+
+
 # ----------------------------------------------------------------------------------------------------
-# 6. Heads: small diffusion models that sample tokens given the transformer's output z
+# 6. Heads: small diffusion models that sample tokens given the transformer's output z; each owns its
+#    training loss and its sampler
 # ----------------------------------------------------------------------------------------------------
+
+
+def at(x, where):
+    """The rows of x [B, n, C] at the True positions of where [B, n], the same number k in every image:
+    [B, k, C] (None stays None)."""
+    return None if x is None else x[where].view(x.shape[0], -1, x.shape[-1])
+
+
+def masked_mean(loss, mask):
+    """The mean of loss [...] over the True positions of mask [...]."""
+    weight = mask.float()
+    return (loss * weight).sum() / weight.sum()
 
 
 class DiffusionHead(nn.Module):
-    """A denoiser eps(x_t | t, z) over a map of tokens x [B, L, D], conditioned per token on
-    c_i = time_embedding(t) + proj(z_i).
+    """What both heads share (MAR's diffusion head): a denoiser eps(x_t | t, z) over a map of tokens x [B, L, D],
+    each token conditioned on c_i = time_embedding(t) + proj(z_i), a stack of blocks, and a final adaLN layer.
+    The subclasses choose the blocks, and own the training loss and the sampler."""
 
-    heads = 0: MAR's MLP head (phase 1). Residual adaLN MLPs only, so every token is denoised on its own.
-    heads > 0: the Diffusion Transformer head (phase 2, eq. 3). DiT blocks (self-attention + MLP, both with
-    per-token adaLN), so the tokens of the whole map are denoised jointly, each seeing the others."""
-
-    def __init__(self, token_dim, z_dim, width, depth, heads=0, mlp_ratio=1.0, num_tokens=None):
+    def __init__(self, token_dim, z_dim, width, blocks, diffusion):
         super().__init__()
-        self.attends = heads > 0
+        self.diffusion = diffusion  # the process (not a module: it has no weights)
         self.input = nn.Linear(token_dim, width)
-        if self.attends:  # attention needs to know where each token is
-            self.pos = nn.Parameter(torch.zeros(1, num_tokens, width))
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.condition = nn.Linear(z_dim, width)
-        layers = []
-        for _ in range(depth):
-            if self.attends:
-                layers.append(AdaLN(width, Attention(width, heads)))
-            layers.append(AdaLN(width, FeedForward(width, mlp_ratio)))
-        self.layers = nn.ModuleList(layers)
+        self.blocks = nn.ModuleList(blocks)
         self.out_norm = nn.LayerNorm(width, elementwise_affine=False)
         self.out_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.output = nn.Linear(width, token_dim)
 
+    def embed(self, x):  # [B, L, D] -> [B, L, width]
+        return self.input(x)
+
     def forward(self, x, t, z):  # x [B, L, D], t [B], z [B, L, Wz]
         c = self.time(sinusoidal(t, self.input.out_features))[:, None] + self.condition(z)  # [B, L, width]
-        h = self.input(x) + self.pos if self.attends else self.input(x)  # [B, L, width]
-        for layer in self.layers:
-            h = layer(h, c)
+        h = self.embed(x)  # [B, L, width]
+        for block in self.blocks:
+            h = block(h, c)
         shift, scale = self.out_modulation(c).chunk(2, dim=-1)
         return self.output(self.out_norm(h) * (1 + scale) + shift)  # [B, L, D]
+
+    def denoise(self, z, z_null, cfg_scale, steps, sampler, temperature, generator, known=None, keep=None, length=None):
+        """Sample a map of tokens [B, L, D] by reverse diffusion (Diffusion.sample), conditioned per token on
+        z [B, L, W] (or [B, 1, W], one condition for all `length` tokens). With z_null (the same positions under the
+        null class), classifier-free guidance on the noise: eps = eps_null + cfg_scale * (eps_cond - eps_null)."""
+
+        def eps_fn(x, t):
+            if z_null is None:
+                return self(x, t, z)
+            eps_cond, eps_null = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z_null])).chunk(2)
+            return eps_null + cfg_scale * (eps_cond - eps_null)
+
+        noise = torch.randn(z.shape[0], length or z.shape[1], self.output.out_features, device=z.device, generator=generator)
+        return self.diffusion.sample(eps_fn, noise, steps, sampler, temperature, generator, known, keep)
+
+
+class MLPHead(DiffusionHead):
+    """MAR's per-token diffusion head (Hi-MAR's phase 1, and MAR's only head): residual adaLN MLP blocks, so each
+    token is denoised on its own, given its z_i."""
+
+    def __init__(self, token_dim, z_dim, width, depth, repeats, diffusion):
+        super().__init__(token_dim, z_dim, width, [AdaLN(width, FeedForward(width, 1.0)) for _ in range(depth)], diffusion)
+        self.repeats = repeats  # noise levels per token and training step
+
+    def loss(self, tokens, z, mask):
+        """Training loss on tokens [B, N, D] given z [B, N, W]: each token on its own at `repeats` noise levels,
+        averaged over the masked tokens (the head runs on all of them: fixed shapes, no wait for the GPU)."""
+        r = self.repeats
+        x0 = tokens.flatten(0, 1).repeat(r, 1)[:, None]  # [r*B*N, 1, D]: each token is its own "map"
+        loss = self.diffusion.loss(self, x0, z.flatten(0, 1).repeat(r, 1)[:, None])[:, 0]  # [r*B*N]
+        return masked_mean(loss, mask.flatten().repeat(r))
+
+    def sample(self, tokens, mask, reveal, z, z_null, cfg_scale, steps, sampler, temperature, generator):
+        """One generation step: the tokens revealed now (reveal [B, n]) are sampled, each from its own z_i; the
+        others [B, n, D] are returned unchanged."""
+        sampled = self.denoise(at(z, reveal), at(z_null, reveal), cfg_scale, steps, sampler, temperature, generator)
+        tokens = tokens.clone()
+        tokens[reveal] = sampled.flatten(0, 1).to(tokens.dtype)
+        return tokens
+
+
+class DiTHead(DiffusionHead):
+    """The Diffusion Transformer head (Hi-MAR's phase 2, eq. 3): DiT blocks over the whole dense map, so its tokens
+    are denoised jointly, each seeing the others; learned positions tell attention where each token is."""
+
+    def __init__(self, token_dim, z_dim, width, depth, num_heads, mlp_ratio, num_tokens, repeats, diffusion):
+        super().__init__(token_dim, z_dim, width, [DiTBlock(width, num_heads, mlp_ratio) for _ in range(depth)], diffusion)
+        self.pos = nn.Parameter(torch.zeros(1, num_tokens, width))
+        self.repeats = repeats  # noise levels per image and training step
+
+    def embed(self, x):
+        return self.input(x) + self.pos
+
+    def loss(self, tokens, z, mask):
+        """Training loss: the whole map noised to one level per image, `repeats` times, averaged over the MASKED
+        tokens only, as the reference: the visible ones are given to the transformer, copying them teaches nothing."""
+        r = self.repeats
+        loss = self.diffusion.loss(self, tokens.repeat(r, 1, 1), z.repeat(r, 1, 1))  # [r*B, N]
+        return masked_mean(loss, mask.repeat(r, 1))
+
+    def sample(self, tokens, mask, reveal, z, z_null, cfg_scale, steps, sampler, temperature, generator):
+        """One generation step: denoise the whole map, keeping the tokens revealed so far (~mask) by replacement at
+        every denoising step; every still-masked position takes the new sample (those in `reveal` for good)."""
+        sampled = self.denoise(z, z_null, cfg_scale, steps, sampler, temperature, generator, known=tokens, keep=~mask)
+        return torch.where(mask[..., None], sampled.to(tokens.dtype), tokens)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -437,12 +578,6 @@ class DiffusionHead(nn.Module):
 def twice(x):
     """x stacked on itself along the batch, for the two branches of classifier-free guidance (None stays None)."""
     return None if x is None else torch.cat([x, x])
-
-
-def at(x, where):
-    """The rows of x [B, n, C] at the True positions of where [B, n], the same number k in every image:
-    [B, k, C] (None stays None)."""
-    return None if x is None else x[where].view(x.shape[0], -1, x.shape[-1])
 
 
 def init_weights(model):
@@ -462,8 +597,8 @@ def init_weights(model):
     for layer in zero:
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
-    for name, p in model.named_parameters():
-        if name.startswith(("pos_", "mask_token", "pivot_placeholder", "class_embed")) or name.endswith(".pos"):
+    for name, p in model.named_parameters():  # positions, the mask token, the placeholder, the class embedding
+        if name.split(".")[-1].startswith(("pos", "diffusion_pos", "mask_token", "pivot_placeholder")) or name == "class_embed.weight":
             nn.init.normal_(p, std=0.02)
 
 
@@ -480,7 +615,7 @@ class HiMAR(nn.Module):
         super().__init__()
         self.cfg = cfg
         W = cfg.width
-        self.diffusion = Diffusion(cfg.diffusion_steps)
+        diffusion = Diffusion(cfg.diffusion_steps)
         # inputs
         self.class_embed = nn.Embedding(cfg.num_classes + 1, W)  # the last class is the null class (CFG)
         self.token_embed = nn.Linear(cfg.token_dim, W)
@@ -490,16 +625,19 @@ class HiMAR(nn.Module):
         # the shared transformer, told its phase by the scale vector v = MLP(sinusoidal(phase))
         if cfg.scale_vector:  # (without it, ablation: v = 0, the blocks cannot tell the phases apart)
             self.scale_mlp = nn.Sequential(nn.Linear(W, W), nn.SiLU(), nn.Linear(W, 6 * W))
-        self.blocks = nn.ModuleList(ScaleAwareBlock(W, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(ScaleAwareBlock(W, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(W)
+        self.diffusion_pos_dense = nn.Parameter(torch.zeros(1, cfg.num_dense, W))  # added to z before the head (MAR)
         # heads
-        dense_heads = cfg.dit_head_heads if cfg.dense_head == "dit" else 0
-        dense_width, dense_depth = (cfg.dit_head_width, cfg.dit_head_depth) if dense_heads else (cfg.mlp_head_width, cfg.mlp_head_depth)
-        self.dense_head = DiffusionHead(cfg.token_dim, W, dense_width, dense_depth, dense_heads,
-                                        cfg.mlp_ratio if dense_heads else 1.0, cfg.num_dense)
+        if cfg.dense_head == "dit":
+            self.dense_head = DiTHead(cfg.token_dim, W, cfg.dit_head_width, cfg.dit_head_depth, cfg.dit_head_num_heads,
+                                      cfg.mlp_ratio, cfg.num_dense, cfg.dit_head_repeats, diffusion)
+        else:
+            self.dense_head = MLPHead(cfg.token_dim, W, cfg.mlp_head_width, cfg.mlp_head_depth, cfg.mlp_head_repeats, diffusion)
         if cfg.pivots != "none":
             self.pos_pivot = nn.Parameter(torch.zeros(1, cfg.num_pivots, W))
-            self.pivot_head = DiffusionHead(cfg.token_dim, W, cfg.mlp_head_width, cfg.mlp_head_depth)
+            self.diffusion_pos_pivot = nn.Parameter(torch.zeros(1, cfg.num_pivots, W))
+            self.pivot_head = MLPHead(cfg.token_dim, W, cfg.mlp_head_width, cfg.mlp_head_depth, cfg.mlp_head_repeats, diffusion)
             self.pivot_placeholder = nn.Parameter(torch.zeros(1, cfg.num_pivots, W))  # a pivot with no condition
         if cfg.pivots == "conditional":
             self.pivot_condition = nn.Linear(W, W)  # z_s -> conditional token
@@ -515,7 +653,8 @@ class HiMAR(nn.Module):
         return torch.where(mask[..., None], self.mask_token, self.token_embed(tokens))
 
     def transformer(self, phase, labels, tokens, mask, pivot_context=None):
-        """Run the shared transformer for one phase and return z for that phase's tokens.
+        """Run the shared transformer for one phase and return z for that phase's tokens, with the learned
+        diffusion position embedding added (as MAR and the reference: z is what the head, and phase 2, read).
 
         phase PIVOT: tokens/mask are the pivots'; returns z_s [B, Np, W].
         phase DENSE: tokens/mask are the dense tokens'; pivot_context [B, Np, W] are phase 2's pivot tokens
@@ -535,7 +674,8 @@ class HiMAR(nn.Module):
             v = torch.zeros(6 * cfg.width, device=x.device)
         for block in self.blocks:
             x = block(x, v)
-        return self.norm(x)[:, -tokens.shape[1]:]  # z for this phase's tokens
+        z = self.norm(x)[:, -tokens.shape[1]:]  # this phase's tokens: [B, N, W]
+        return z + (self.diffusion_pos_pivot if phase == PIVOT else self.diffusion_pos_dense)
 
     def pivot_context(self, pivots, z_pivot, predicted, dropped):
         """Phase 2's tokens at the pivot positions, [B, Np, W].
@@ -551,21 +691,6 @@ class HiMAR(nn.Module):
 
     # --- training -----------------------------------------------------------------------------------
 
-    def head_loss(self, head, tokens, z, mask):
-        """Diffusion loss of a head on tokens [B, N, D] given z [B, N, W] and the training mask [B, N].
-        DiT head: the whole map noised to one level per image, `dit_head_repeats` times; the loss is averaged
-                  over all tokens (as the reference code).
-        MLP head: every token on its own, each at `mlp_head_repeats` noise levels; the loss is averaged over
-                  the masked tokens (the head runs on all of them: fixed shapes, no wait for the GPU)."""
-        if head.attends:
-            r = self.cfg.dit_head_repeats
-            return self.diffusion.loss(head, tokens.repeat(r, 1, 1), z.repeat(r, 1, 1)).mean()
-        r = self.cfg.mlp_head_repeats
-        x0 = tokens.flatten(0, 1).repeat(r, 1)[:, None]  # [r*B*N, 1, D]: each token is its own "map"
-        loss = self.diffusion.loss(head, x0, z.flatten(0, 1).repeat(r, 1)[:, None])[:, 0]  # [r*B*N]
-        weight = mask.flatten().repeat(r).float()
-        return (loss * weight).sum() / weight.sum()
-
     def forward(self, images, labels, pivot_dropout=0.0):
         """One training step's losses (both phases every step). images [B, C, H, W] in [-1, 1], labels [B].
         Returns (total loss, {"pivot": loss1, "dense": loss2}). pivot_dropout: see pivot_dropout_at()."""
@@ -578,20 +703,20 @@ class HiMAR(nn.Module):
         if cfg.pivots == "none":  # MAR: one phase over the dense tokens
             dense_mask = mask_by_order(random_orders(B, cfg.num_dense, device), num_to_mask(truncated_normal_ratio(cfg), cfg.num_dense))
             z_dense = self.transformer(DENSE, labels, dense, dense_mask)
-            loss = self.head_loss(self.dense_head, dense, z_dense, dense_mask)
+            loss = self.dense_head.loss(dense, z_dense, dense_mask)
             return loss, {"dense": loss.detach()}
 
         # Phase 1: pivots. Truncated-normal mask ratio; every dense position is masked, so they are left out.
         pivot_mask = mask_by_order(random_orders(B, cfg.num_pivots, device), num_to_mask(truncated_normal_ratio(cfg), cfg.num_pivots))
         z_pivot = self.transformer(PIVOT, labels, pivots, pivot_mask)  # z_s [B, Np, W]
-        loss_pivot = self.head_loss(self.pivot_head, pivots, z_pivot, pivot_mask)
+        loss_pivot = self.pivot_head.loss(pivots, z_pivot, pivot_mask)
 
         # Phase 2: dense tokens, conditioned on the pivots (stop-grad phase-1 outputs). Cosine mask ratio.
         dropped = torch.rand(B, device=device) < pivot_dropout
         context = self.pivot_context(pivots, z_pivot, pivot_mask, dropped)
         dense_mask = mask_by_order(random_orders(B, cfg.num_dense, device), num_to_mask(cosine_ratio(), cfg.num_dense))
         z_dense = self.transformer(DENSE, labels, dense, dense_mask, context)  # z_l [B, Nd, W]
-        loss_dense = self.head_loss(self.dense_head, dense, z_dense, dense_mask)
+        loss_dense = self.dense_head.loss(dense, z_dense, dense_mask)
 
         # weights: 2.0 and 0.75, each times the phase's share of all tokens (as the reference code)
         n = cfg.num_pivots + cfg.num_dense
@@ -601,29 +726,15 @@ class HiMAR(nn.Module):
 
     # --- sampling -----------------------------------------------------------------------------------
 
-    def denoise(self, head, z, z_null, cfg_scale, steps, temperature, generator):
-        """Sample tokens [B, L, D] from a head by reverse diffusion, conditioned per token on z [B, L, W].
-        With z_null (the same positions under the null class), classifier-free guidance on the noise:
-        eps = eps_null + cfg_scale * (eps_cond - eps_null)."""
-
-        def eps_fn(x, t):
-            if z_null is None:
-                return head(x, t, z)
-            eps_cond, eps_null = head(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z_null])).chunk(2)
-            return eps_null + cfg_scale * (eps_cond - eps_null)
-
-        shape = (*z.shape[:2], self.cfg.token_dim)
-        return self.diffusion.sample(eps_fn, shape, steps, temperature, generator, z.device)
-
-    def unmask(self, phase, labels, steps, cfg_scale, temperature, diffusion_steps, generator,
+    def unmask(self, phase, labels, steps, cfg_scale, diffusion_steps, sampler, temperature, generator,
                pivot_context=None, frames=None):
         """One phase of generation: reveal all of the phase's tokens in `steps` steps, in a random order,
         following the cosine schedule. Returns the tokens [B, N, D] and, per position, the transformer
         output z at the step it was revealed [B, N, W] (phase 1's z_s, which phase 2 is conditioned on)."""
         cfg, B, device = self.cfg, labels.shape[0], labels.device
         n = cfg.num_pivots if phase == PIVOT else cfg.num_dense
-        denoising_steps = diffusion_schedule(diffusion_steps, steps)  # per generation step (annealed)
         head = self.pivot_head if phase == PIVOT else self.dense_head
+        denoising_steps = diffusion_schedule(diffusion_steps, steps)  # per generation step (annealed)
         tokens = torch.zeros(B, n, cfg.token_dim, device=device)
         mask = torch.ones(B, n, dtype=torch.bool, device=device)  # True = not yet revealed
         z_revealed = torch.zeros(B, n, cfg.width, device=device)
@@ -642,16 +753,10 @@ class HiMAR(nn.Module):
             # 2. the positions revealed at this step, and the guidance scale (rising linearly with progress)
             reveal = mask & ~mask_by_order(orders, num_masked)  # [B, n]
             scale = 1 + (cfg_scale - 1) * (n - num_masked) / n
-            # 3. the head samples them
-            if head.attends:  # DiT head: denoise the whole map; the still-masked positions take the new sample
-                sampled = self.denoise(head, z, z_null, scale, denoising_steps[step], temperature, generator)
-                tokens = torch.where(mask[..., None], sampled, tokens)
-            else:  # MLP head: only the revealed tokens, each on its own
-                sampled = self.denoise(head, at(z, reveal), at(z_null, reveal), scale, denoising_steps[step],
-                                       temperature, generator)
-                tokens[reveal] = sampled.flatten(0, 1)
+            # 3. the head samples them, in agreement with the tokens revealed before
+            tokens = head.sample(tokens, mask, reveal, z, z_null, scale, denoising_steps[step], sampler, temperature, generator)
             # 4. the revealed tokens are fixed for good; keep their z
-            z_revealed[reveal] = z[reveal]
+            z_revealed[reveal] = z[reveal].to(z_revealed.dtype)
             mask = mask & ~reveal
             if frames is not None:
                 frames.append({"phase": "pivot" if phase == PIVOT else "dense",
@@ -660,21 +765,15 @@ class HiMAR(nn.Module):
         return tokens, z_revealed
 
     @torch.no_grad()
-    def sample(self, labels, pivot_steps=None, dense_steps=None, pivot_cfg=None, dense_cfg=None,
-               temperature=None, pivot_diffusion_steps=None, dense_diffusion_steps=None, seed=None,
-               drop_pivots=False, trajectory=False):
-        """Generate images [B, C, H, W] in [-1, 1] for class labels [B]. Settings left as None take the
-        config's defaults; the diffusion steps are an int or a (first, last) pair (see diffusion_schedule).
+    def sample(self, labels, sampling=None, seed=None, drop_pivots=False, trajectory=False, **changes):
+        """Generate images [B, C, H, W] in [-1, 1] for class labels [B] (the paper's two-phase generation).
+        sampling: a Sampling (default: the config's), with `changes` to its fields by name, e.g. dense_steps=4.
         drop_pivots: phase 2 sees only placeholders (to show what the pivots do).
         trajectory=True also returns one frame per step: {"phase", "image" (tokens so far; for the DiT head
         the masked positions hold its latest sample), "mask" (True = not yet revealed)}."""
         cfg = self.cfg
-        default = lambda value, fallback: fallback if value is None else value
-        pivot_steps, dense_steps = default(pivot_steps, cfg.pivot_steps), default(dense_steps, cfg.dense_steps)
-        pivot_cfg, dense_cfg = default(pivot_cfg, cfg.pivot_cfg), default(dense_cfg, cfg.dense_cfg)
-        pivot_diffusion_steps = default(pivot_diffusion_steps, cfg.pivot_diffusion_steps)
-        dense_diffusion_steps = default(dense_diffusion_steps, cfg.dense_diffusion_steps)
-        temperature = default(temperature, cfg.temperature)
+        s = replace(sampling or cfg.sampling, **changes)
+        s.check(cfg)
         labels = torch.as_tensor(labels, device=self.mask_token.device).long()
         if labels.dim() != 1 or labels.min() < 0 or labels.max() >= cfg.num_classes:
             raise ValueError(f"labels must be a list of class indices in [0, {cfg.num_classes})")
@@ -688,14 +787,14 @@ class HiMAR(nn.Module):
             context = None
             if cfg.pivots != "none":
                 # Phase 1: the low-resolution pivots, MLP head; keep each pivot's z_s
-                pivots, z_pivot = self.unmask(PIVOT, labels, pivot_steps, pivot_cfg, temperature, pivot_diffusion_steps,
-                                              generator, frames=frames)
+                pivots, z_pivot = self.unmask(PIVOT, labels, s.pivot_steps, s.pivot_cfg, s.pivot_diffusion_steps,
+                                              s.pivot_sampler, s.temperature, generator, frames=frames)
                 everywhere = torch.ones(pivots.shape[:2], dtype=torch.bool, device=device)
                 dropped = torch.full(labels.shape, drop_pivots, device=device)
                 context = self.pivot_context(pivots, z_pivot, everywhere, dropped)
             # Phase 2: the dense tokens around the pivots, DiT head
-            dense, _ = self.unmask(DENSE, labels, dense_steps, dense_cfg, temperature, dense_diffusion_steps,
-                                   generator, pivot_context=context, frames=frames)
+            dense, _ = self.unmask(DENSE, labels, s.dense_steps, s.dense_cfg, s.dense_diffusion_steps,
+                                   s.dense_sampler, s.temperature, generator, pivot_context=context, frames=frames)
 
         self.train(was_training)
         images = unpatchify(dense, cfg.patch_size, cfg.channels).clamp(-1, 1)
@@ -727,7 +826,8 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint written by save_checkpoint; a clear CheckpointError if it is not one."""
+    """Read a checkpoint written by save_checkpoint (an older version's is brought up to date); a clear
+    CheckpointError if it is not one."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: check the path (train.py writes <out-dir>/checkpoint.pt)")
     try:
@@ -736,7 +836,45 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path} could not be read as a checkpoint (corrupt or truncated file?): {e}") from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or not {"model", "ema"} & set(checkpoint):
         raise CheckpointError(f"{path} is not a Hi-MAR checkpoint (it has no config and model weights)")
-    return checkpoint
+    return upgrade(checkpoint)
+
+
+def upgrade(checkpoint):
+    """A checkpoint of the first layout (before the Sampling settings and the two head classes) in today's: fields
+    renamed, the sampling settings grouped (the samplers, new, take today's defaults), the DiT head's sublayers
+    as blocks, and the diffusion position embeddings, added later, at zero: exactly the model it was trained as.
+    Its optimizer state no longer fits the parameters, so it can be sampled but not resumed."""
+    config = dict(checkpoint["config"])
+    if "sampling" in config:
+        return checkpoint
+    for old, new in (("heads", "num_heads"), ("dit_head_heads", "dit_head_num_heads")):
+        config[new] = config.pop(old)
+    config["sampling"] = {f.name: config.pop(f.name) for f in fields(Sampling) if f.name in config}
+    run_steps = checkpoint.get("args", {}).get("max_steps")  # the warm-up was counted in steps
+    warmup = config.pop("pivot_dropout_warmup")
+    config["pivot_dropout_warmup"] = min(1.0, warmup / run_steps) if run_steps else Config.pivot_dropout_warmup
+    upgraded = {k: v for k, v in checkpoint.items() if k != "optimizer"}
+    upgraded["config"] = config
+    try:
+        cfg = Config(**config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's config cannot be read by this version: {e}") from None
+
+    def rename(key):  # the heads' `layers.k` are now `blocks.k`; a DiT block holds an attention and an MLP sublayer
+        head, k, rest = re.match(r"(\w+_head)\.layers\.(\d+)\.(.*)", key).groups()
+        if head == "dense_head" and cfg.dense_head == "dit":
+            return f"{head}.blocks.{int(k) // 2}.{('attn', 'ffn')[int(k) % 2]}.{rest}"
+        return f"{head}.blocks.{k}.{rest}"
+
+    for key in ("model", "ema"):
+        if key in checkpoint:
+            weights = {rename(k) if ".layers." in k else k: v for k, v in checkpoint[key].items()}
+            some = next(iter(weights.values()))
+            weights["diffusion_pos_dense"] = some.new_zeros(1, cfg.num_dense, cfg.width)
+            if cfg.pivots != "none":
+                weights["diffusion_pos_pivot"] = some.new_zeros(1, cfg.num_pivots, cfg.width)
+            upgraded[key] = weights
+    return upgraded
 
 
 def config_from_checkpoint(checkpoint):
@@ -744,13 +882,17 @@ def config_from_checkpoint(checkpoint):
     unknown = set(checkpoint["config"]) - known
     if unknown:
         raise CheckpointError(f"the checkpoint's config has fields this version does not know: {sorted(unknown)}")
-    return Config(**checkpoint["config"])
+    try:
+        return Config(**checkpoint["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's config is not valid: {e}") from None
 
 
 def load_weights(model, checkpoint, key="model"):
-    """Load checkpoint[key] into model, after checking that the checkpoint was made for this config."""
-    saved = checkpoint["config"]
-    wanted = asdict(model.cfg)
+    """Load checkpoint[key] into model, after checking that the checkpoint was made for this config (the
+    sampling settings aside: they change how the model is used, not its weights)."""
+    saved = {k: v for k, v in checkpoint["config"].items() if k != "sampling"}
+    wanted = {k: v for k, v in asdict(model.cfg).items() if k != "sampling"}
     differ = [f"{k}: checkpoint {saved.get(k)!r}, model {wanted[k]!r}" for k in wanted if saved.get(k) != wanted[k]]
     if differ:
         raise CheckpointError("the checkpoint was made for another config:\n  " + "\n  ".join(differ))
@@ -765,3 +907,28 @@ def model_from_checkpoint(path, device="cpu", key="ema"):
     model = HiMAR(config_from_checkpoint(checkpoint)).to(device)
     load_weights(model, checkpoint, key if key in checkpoint else "model")
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Pictures: generated images as one PNG grid (used by train.py, sample.py and the notebooks)
+# ----------------------------------------------------------------------------------------------------
+
+
+def to_uint8(images):
+    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C] (numpy)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, ncol, path, pad=2):
+    """Save images [N, C, H, W] in [-1, 1] as one PNG, ncol images per row, with white gaps."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pictures = to_uint8(images)
+    n, h, w, c = pictures.shape
+    rows = math.ceil(n / ncol)
+    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, picture in enumerate(pictures):
+        top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
+        grid[top:top + h, left:left + w] = picture
+    plt.imsave(path, grid)

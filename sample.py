@@ -7,10 +7,10 @@
 """
 
 import argparse
-import math
 import os
 import sys
 import time
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
@@ -21,29 +21,6 @@ SHIPPED_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "c
 
 
 # ----- pictures -----
-
-
-def to_uint8(images):
-    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C]."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def grid_array(images, ncol, pad=2):
-    """uint8 [N, H, W, C] -> one uint8 picture [rows * (H + pad), ncol * (W + pad), C] with white gaps."""
-    n, h, w, c = images.shape
-    rows = math.ceil(n / ncol)
-    out = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, ncol)
-        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
-    return out
-
-
-def save_grid(images, ncol, path):
-    """Save images [N, C, H, W] in [-1, 1] as one PNG grid, ncol images per row."""
-    import matplotlib.pyplot as plt
-
-    plt.imsave(path, grid_array(to_uint8(images), ncol))
 
 
 def class_grid(model, labels, per_class, seed, device, **settings):
@@ -108,7 +85,7 @@ def unmasked_picture(frame):
     image = torch.where(hidden, torch.zeros_like(image), image)  # 0 = mid grey in [-1, 1]
     if frame["phase"] == "pivot":
         image = image.repeat_interleave(2, 2).repeat_interleave(2, 3)
-    return to_uint8(image)
+    return himar.to_uint8(image)
 
 
 # ----- command line -----
@@ -127,11 +104,13 @@ def parse_args(argv=None):
     p.add_argument("--dense-steps", type=int, help="phase-2 steps K2")
     p.add_argument("--pivot-cfg", type=float, help="classifier-free guidance scale of phase 1")
     p.add_argument("--dense-cfg", type=float, help="classifier-free guidance scale of phase 2")
-    p.add_argument("--temperature", type=float, help="temperature of the heads' diffusion samplers")
+    p.add_argument("--temperature", type=float, help="temperature of the DDPM sampler's noise")
     p.add_argument("--pivot-diffusion-steps", type=int, nargs="+", metavar="N",
                    help="denoising steps of the MLP head: N, or FIRST LAST to anneal them over phase 1")
     p.add_argument("--dense-diffusion-steps", type=int, nargs="+", metavar="N",
                    help="denoising steps of the DiT head: N, or FIRST LAST to anneal them over phase 2")
+    p.add_argument("--pivot-sampler", choices=himar.SAMPLERS, help="reverse diffusion of the MLP head")
+    p.add_argument("--dense-sampler", choices=himar.SAMPLERS, help="reverse diffusion of the DiT head")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
@@ -139,23 +118,18 @@ def parse_args(argv=None):
 
 
 def sampling_settings(args, cfg):
-    """The sampling flags that were given (others keep the checkpoint's defaults), checked for sense."""
-    names = ["pivot_steps", "dense_steps", "pivot_cfg", "dense_cfg", "temperature", "pivot_diffusion_steps", "dense_diffusion_steps"]
-    settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    merged = {n: settings.get(n, getattr(cfg, n)) for n in names}
-    limits = {"pivot_steps": cfg.num_pivots, "dense_steps": cfg.num_dense}
-    for name, n in limits.items():
-        if not 1 <= merged[name] <= n:
-            sys.exit(f"error: --{name.replace('_', '-')} must be between 1 and {n} (the number of tokens), got {merged[name]}")
+    """The checkpoint's Sampling settings with the flags that were given, checked for sense (himar.Sampling)."""
+    given = {f.name: getattr(args, f.name) for f in fields(himar.Sampling) if getattr(args, f.name) is not None}
     for name in ("pivot_diffusion_steps", "dense_diffusion_steps"):
-        steps = merged[name]
-        if len(steps) > 2 or not all(1 <= n <= cfg.diffusion_steps for n in steps):
-            sys.exit(f"error: --{name.replace('_', '-')} takes one or two numbers between 1 and {cfg.diffusion_steps}, "
-                     f"got {' '.join(map(str, steps))}")
-        if name in settings:
-            settings[name] = tuple(steps) if len(steps) == 2 else steps[0]
-    if merged["temperature"] <= 0 or merged["pivot_cfg"] < 0 or merged["dense_cfg"] < 0:
-        sys.exit("error: --temperature must be > 0 and the CFG scales >= 0")
+        if name in given:
+            if len(given[name]) > 2:
+                sys.exit(f"error: --{name.replace('_', '-')} takes one or two numbers (N, or FIRST LAST)")
+            given[name] = tuple(given[name]) if len(given[name]) == 2 else given[name][0]
+    try:
+        settings = replace(cfg.sampling, **given)
+        settings.check(cfg)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     return settings
 
 
@@ -187,7 +161,7 @@ def main(argv=None):
         hint = "\n(the shipped model is checkpoints/himar_cifar10.pt in the repository)" if args.ckpt == SHIPPED_CHECKPOINT else ""
         sys.exit(f"error: {e}{hint}")
     cfg = model.cfg
-    settings = sampling_settings(args, cfg)
+    sampling = sampling_settings(args, cfg)
     labels = args.labels if args.labels else list(range(min(10, cfg.num_classes)))
     if min(labels) < 0 or max(labels) >= cfg.num_classes:
         sys.exit(f"error: --labels must be class indices in [0, {cfg.num_classes})")
@@ -197,9 +171,9 @@ def main(argv=None):
         per_class = args.per_class or (10 if str(device).startswith("cuda") else 2)
         rows = labels if args.grid else labels[:4]
         start = time.time()
-        images, frames = class_grid(model, rows, per_class, args.seed, device, trajectory=True, **settings)
+        images, frames = class_grid(model, rows, per_class, args.seed, device, sampling=sampling, trajectory=True)
         if args.grid:
-            save_grid(images, per_class, args.grid)
+            himar.save_grid(images, per_class, args.grid)
             print(f"wrote {args.grid} ({len(rows)} classes x {per_class}) in {time.time() - start:.1f} s")
         if args.trajectory:
             first_of_each = list(range(0, min(4, len(rows)) * per_class, per_class))  # one sample of each of 4 classes
@@ -215,7 +189,7 @@ def main(argv=None):
         start = time.time()
         for i in tqdm(range(0, args.num_images, args.batch_size), desc="sampling", unit="batch"):
             batch = all_labels[i:i + args.batch_size].to(device)
-            chunks.append(to_uint8(model.sample(batch, seed=args.seed + i, **settings)))
+            chunks.append(himar.to_uint8(model.sample(batch, sampling, seed=args.seed + i)))
         seconds = time.time() - start
         np.savez(args.npz, arr_0=np.concatenate(chunks), arr_1=all_labels.numpy())
         print(f"wrote {args.npz}: {args.num_images} images in {seconds:.1f} s ({args.num_images / seconds:.1f} images/s)")

@@ -107,10 +107,16 @@ def test_mar_baseline_is_one_phase_over_dense_tokens(monkeypatch):
     assert set(parts) == {"dense"} and not hasattr(model, "pivot_head")
 
 
-def test_pivot_dropout_schedule_falls_from_start_to_end():
-    cfg = preset("tiny", pivot_dropout_start=1.0, pivot_dropout_end=0.25, pivot_dropout_warmup=100)
-    values = [himar.pivot_dropout_at(cfg, s) for s in (0, 50, 100, 1000)]
+def test_pivot_dropout_schedule_falls_from_start_to_end_over_a_fraction_of_the_run():
+    cfg = preset("tiny", pivot_dropout_start=1.0, pivot_dropout_end=0.25, pivot_dropout_warmup=0.5)
+    values = [himar.pivot_dropout_at(cfg, progress) for progress in (0, 0.25, 0.5, 1.0)]
     assert values == pytest.approx([1.0, 0.625, 0.25, 0.25])
+    # the default: the reference's 100 of 800 epochs, whatever the run's length
+    default = preset("tiny", pivot_dropout_end=0.5)
+    assert himar.pivot_dropout_at(default, 0.125) == pytest.approx(0.5)
+    assert himar.pivot_dropout_at(default, 0.0625) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="fraction of the run"):
+        preset("tiny", pivot_dropout_warmup=2000)
 
 
 # --- sampling schedule ------------------------------------------------------------------------------
@@ -186,8 +192,9 @@ def test_diffusion_sampler_with_the_exact_denoiser_returns_a_point_mass():
         abar = diffusion.alpha_bar[t].float()[:, None]
         return (x - abar.sqrt() * target) / (1 - abar).sqrt()
 
-    out = diffusion.sample(eps, (64, 3), steps=10, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(out, target.expand(64, 3), atol=1e-4)
+    for sampler in himar.SAMPLERS:
+        out = diffusion.sample(eps, torch.randn(64, 3), steps=10, sampler=sampler, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(out, target.expand(64, 3), atol=1e-4), sampler
 
 
 @pytest.mark.parametrize("steps", [250, 1000])
@@ -199,14 +206,19 @@ def test_diffusion_sampler_with_the_exact_denoiser_returns_a_gaussian(steps):
         abar = diffusion.alpha_bar[t].float()[:, None]
         return (1 - abar).sqrt() * (x - abar.sqrt() * mean) / (abar * std**2 + 1 - abar)
 
-    out = diffusion.sample(eps, (20000, 2), steps=steps, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(20000, 2, generator=torch.Generator().manual_seed(1))
+    out = diffusion.sample(eps, noise, steps=steps, generator=torch.Generator().manual_seed(0))
     assert out.mean().item() == pytest.approx(mean, abs=0.01)
     assert out.std().item() == pytest.approx(std, rel=0.05)
-    # a temperature below 1 narrows the distribution
-    cold = diffusion.sample(eps, (20000, 2), steps=steps, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    # DDIM follows the probability-flow ODE: the same distribution, deterministically from the starting noise
+    ddim = diffusion.sample(eps, noise, steps=steps, sampler="ddim")
+    assert ddim.mean().item() == pytest.approx(mean, abs=0.01) and ddim.std().item() == pytest.approx(std, rel=0.05)
+    assert torch.equal(ddim, diffusion.sample(eps, noise, steps=steps, sampler="ddim", generator=torch.Generator().manual_seed(9)))
+    # a temperature below 1 narrows DDPM's distribution
+    cold = diffusion.sample(eps, noise, steps=steps, temperature=0.5, generator=torch.Generator().manual_seed(0))
     assert cold.std().item() < 0.9 * out.std().item()
-    # with few steps, DDPM's posterior variance narrows the result (like a lower temperature): 0.16 at 25 steps
-    few = diffusion.sample(eps, (20000, 2), steps=25, generator=torch.Generator().manual_seed(0))
+    # with few steps, DDPM's posterior variance narrows the result (like a lower temperature)
+    few = diffusion.sample(eps, noise, steps=25, generator=torch.Generator().manual_seed(0))
     assert few.mean().item() == pytest.approx(mean, abs=0.01) and few.std().item() < 0.9 * std
 
 
@@ -226,10 +238,19 @@ def test_diffusion_loss_is_small_for_the_exact_denoiser():
 # --- heads ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("heads", [0, 2])
-def test_only_the_dit_head_mixes_information_across_tokens(heads):
+def small_head(kind, repeats=1):
     torch.manual_seed(0)
-    head = randomize(himar.DiffusionHead(token_dim=12, z_dim=16, width=32, depth=2, heads=heads, num_tokens=8)).eval()
+    diffusion = himar.Diffusion(1000)
+    if kind == "dit":
+        return himar.DiTHead(token_dim=12, z_dim=16, width=32, depth=2, num_heads=2, mlp_ratio=2.0, num_tokens=8,
+                             repeats=repeats, diffusion=diffusion)
+    return himar.MLPHead(token_dim=12, z_dim=16, width=32, depth=2, repeats=repeats, diffusion=diffusion)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "dit"])
+def test_only_the_dit_head_mixes_information_across_tokens(kind):
+    head = randomize(small_head(kind)).eval()
+    heads = kind == "dit"
     x, t, z = torch.randn(1, 8, 12), torch.tensor([300]), torch.randn(1, 8, 16)
     z2 = z.clone()
     z2[0, 3] += 1.0  # change the condition of token 3 only
@@ -240,6 +261,136 @@ def test_only_the_dit_head_mixes_information_across_tokens(heads):
         assert (others > 1e-4).all()  # DiT head: every token sees token 3 through attention
     else:
         assert (others == 0).all()  # MLP head: each token alone
+
+
+def test_dit_head_loss_counts_only_the_masked_tokens():
+    head = randomize(small_head("dit", repeats=2), std=0.1)
+    tokens, z = torch.randn(3, 8, 12), torch.randn(3, 8, 16)
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[:, :5] = True
+
+    def loss_with_offset(where):  # the loss after the head's predictions move by 5 at `where` [3, 8]
+        original = type(head).forward
+        head.forward = lambda x, t, z: original(head, x, t, z) + 5.0 * where.repeat(2, 1)[..., None]
+        torch.manual_seed(0)
+        loss = head.loss(tokens, z, mask)
+        del head.forward
+        return loss
+
+    base = loss_with_offset(torch.zeros(3, 8, dtype=torch.bool))
+    assert loss_with_offset(~mask) == base  # the visible tokens' predictions do not count
+    assert loss_with_offset(mask) > base + 1  # the masked ones do
+
+
+def test_mlp_head_loss_counts_only_the_masked_tokens():
+    head = randomize(small_head("mlp", repeats=3), std=0.1)
+    tokens, z = torch.randn(2, 8, 12), torch.randn(2, 8, 16)
+    mask = torch.rand(2, 8, generator=torch.Generator().manual_seed(0)) < 0.5
+    torch.manual_seed(0)
+    base = head.loss(tokens, z, mask)
+    torch.manual_seed(0)
+    assert head.loss(torch.where(mask[..., None], tokens, tokens + 3.0), z, mask) == base
+
+
+def test_sampler_timesteps_run_from_the_noisiest_level_down_to_zero():
+    diffusion = himar.Diffusion(1000)
+    assert diffusion.timesteps(50)[0] == 999 and diffusion.timesteps(50)[-1] == 0
+    assert diffusion.timesteps(100)[:3] == [999, 989, 979] and len(set(diffusion.timesteps(100))) == 100
+    seen = []
+
+    def eps(x, t):
+        seen.append(t[0].item())
+        return torch.zeros_like(x)
+
+    for sampler in himar.SAMPLERS:
+        seen.clear()
+        diffusion.sample(eps, torch.randn(2, 4, 3), steps=7, sampler=sampler)
+        assert seen == diffusion.timesteps(7) and seen[-1] == 0
+
+
+@pytest.mark.parametrize("sampler", himar.SAMPLERS)
+def test_known_tokens_enter_every_denoising_step_at_its_noise_level_and_come_out_as_given(sampler):
+    diffusion = himar.Diffusion(1000)
+    g = torch.Generator().manual_seed(0)
+    known, noise = torch.rand(2, 6, 3, generator=g) * 2 - 1, torch.randn(2, 6, 3, generator=g)
+    keep = torch.tensor([[True, False, True, False, False, True]] * 2)
+    calls = []
+
+    def eps(x, t):  # a spy: what the denoiser sees at the known positions
+        abar = diffusion.alpha_bar[t[0]].float()
+        expected = abar.sqrt() * known + (1 - abar).sqrt() * noise
+        calls.append(torch.allclose(x[keep], expected[keep], atol=1e-6))
+        return torch.randn(x.shape, generator=g)  # a poor denoiser: the rest comes out anything
+
+    out = diffusion.sample(eps, noise, steps=8, sampler=sampler, generator=g, known=known, keep=keep)
+    assert calls == [True] * 8
+    assert torch.equal(out[keep], known[keep]) and not torch.allclose(out[~keep], known[~keep])
+
+
+def test_dit_head_keeps_the_revealed_tokens_and_fills_the_masked_ones():
+    head = randomize(small_head("dit"), std=0.1).eval()
+    tokens = torch.rand(2, 8, 12) * 2 - 1
+    mask = torch.tensor([[True, True, False, False, True, False, True, True]] * 2)
+    reveal = mask & torch.tensor([True, False, False, False, True, False, False, False])
+    seen = []
+    head.register_forward_hook(lambda module, args, out: seen.append(args[0][:, ~mask[0]].clone()))
+    out = head.sample(tokens, mask, reveal, torch.randn(2, 8, 16), None, 1.0, 5, "ddim", 1.0, None)
+    assert torch.equal(out[~mask], tokens[~mask]) and not torch.allclose(out[mask], tokens[mask])
+    # the revealed tokens were shown to the head at each denoising step, noised less and less
+    gaps = [(x - tokens[:, ~mask[0]]).abs().mean().item() for x in seen]
+    assert len(seen) == 5 and gaps == sorted(gaps, reverse=True) and gaps[-1] < 0.05
+
+
+def test_guidance_scales_are_set_per_phase():
+    model = randomize(tiny(), std=0.05)
+    scales = {"pivot": [], "dense": []}
+    for name in scales:
+        head = getattr(model, f"{name}_head")
+        original = head.denoise
+        head.denoise = lambda *args, _name=name, _original=original, **kw: (scales[_name].append(args[2]), _original(*args, **kw))[1]
+    model.sample([1, 2], pivot_cfg=4.0, dense_cfg=2.0, pivot_steps=4, dense_steps=2, seed=0)
+    assert scales["pivot"][-1] == pytest.approx(4.0) and scales["dense"][-1] == pytest.approx(2.0)
+    assert scales["pivot"] == sorted(scales["pivot"]) and scales["pivot"][0] < 4.0  # rising linearly
+    defaults = himar.Sampling()
+    assert defaults.pivot_cfg >= defaults.dense_cfg  # the reference: the pivot scale at least the dense one
+
+
+def test_a_learned_diffusion_position_embedding_is_added_to_z():
+    model = tiny()
+    cfg = model.cfg
+    assert model.diffusion_pos_dense.abs().sum() > 0 and model.diffusion_pos_pivot.abs().sum() > 0  # N(0, 0.02)
+    pivots = torch.randn(2, cfg.num_pivots, cfg.token_dim)
+    mask = torch.zeros(2, cfg.num_pivots, dtype=torch.bool)
+    before = model.transformer(PIVOT, torch.tensor([1, 2]), pivots, mask)
+    with torch.no_grad():
+        model.diffusion_pos_pivot[0, 3] += 1.0
+    after = model.transformer(PIVOT, torch.tensor([1, 2]), pivots, mask)
+    assert torch.allclose((after - before)[:, 3], torch.ones(2, cfg.width), atol=1e-6)
+    assert torch.allclose((after - before)[:, :3], torch.zeros(2, 3, cfg.width), atol=1e-6)
+
+
+def test_sampling_settings_are_checked_in_one_place():
+    with pytest.raises(ValueError, match="samplers"):
+        himar.Sampling(dense_sampler="euler")
+    with pytest.raises(ValueError, match="temperature"):
+        himar.Sampling(temperature=0)
+    with pytest.raises(ValueError, match="number of tokens"):
+        tiny().sample([0], pivot_steps=17)
+    with pytest.raises(ValueError, match="diffusion steps"):
+        tiny().sample([0], dense_diffusion_steps=1001)
+    assert preset("tiny", dense_steps=3).sampling.dense_steps == 3  # sampling fields change by name
+
+
+def test_the_shipped_checkpoint_of_the_first_layout_loads_and_samples():
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "himar_cifar10.pt")
+    checkpoint = himar.load_checkpoint(path)
+    assert "sampling" in checkpoint["config"] and not checkpoint["ema"]["diffusion_pos_dense"].any()
+    model = himar.model_from_checkpoint(path)
+    assert model.cfg.sampling.pivot_steps == 32 and model.cfg.num_heads == 5
+    x = model.sample([3, 8], pivot_steps=2, pivot_diffusion_steps=3, dense_diffusion_steps=3, seed=0)
+    assert x.shape == (2, 3, 32, 32) and x.std() > 0.1
 
 
 # --- scale-aware transformer ------------------------------------------------------------------------
@@ -284,7 +435,7 @@ def test_phase_two_does_not_send_gradient_into_phase_one():
     context = model.pivot_context(pivots, z_pivot, pivot_mask, torch.tensor([False, False]))
     dense_mask = himar.mask_by_order(himar.random_orders(2, cfg.num_dense, "cpu"), 40)
     z_dense = model.transformer(DENSE, labels, dense, dense_mask, context)
-    loss2 = model.head_loss(model.dense_head, dense, z_dense, dense_mask)
+    loss2 = model.dense_head.loss(dense, z_dense, dense_mask)
     loss2.backward()
     assert z_pivot.grad is None or not z_pivot.grad.any()  # stop-gradient: nothing reaches phase 1's output
     assert model.pivot_condition.weight.grad.abs().sum() > 0  # but the projection into phase 2 learns
@@ -312,10 +463,9 @@ def test_pivot_context_uses_conditions_where_predicted_and_the_placeholder_elsew
 
 
 def test_cfg_scale_one_equals_the_unguided_path():
-    model = tiny()
-    head = randomize(himar.DiffusionHead(model.cfg.token_dim, 16, 32, 2, heads=2, num_tokens=8), std=0.1)
+    head = randomize(small_head("dit"), std=0.1)
     z, z_null = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
-    run = lambda z_null, scale: model.denoise(head, z, z_null, scale, 10, 1.0, torch.Generator().manual_seed(3))
+    run = lambda z_null, scale: head.denoise(z, z_null, scale, 10, "ddpm", 1.0, torch.Generator().manual_seed(3))
     assert torch.allclose(run(z_null, 1.0), run(None, 1.0), atol=1e-5)
     assert not torch.allclose(run(z_null, 3.0), run(None, 1.0), atol=1e-3)
 
@@ -377,7 +527,7 @@ def test_sample_is_reproducible_in_range_and_has_a_trajectory(variant):
     assert a.min() >= -1 and a.max() <= 1
     _, frames = model.sample([0, 1], seed=5, trajectory=True)
     cfg = model.cfg
-    expected = (cfg.pivot_steps if cfg.pivots != "none" else 0) + cfg.dense_steps
+    expected = (cfg.sampling.pivot_steps if cfg.pivots != "none" else 0) + cfg.sampling.dense_steps
     assert len(frames) == expected
     assert frames[-1]["image"].shape == (2, 3, 32, 32) and not frames[-1]["mask"].any()
     if cfg.pivots != "none":

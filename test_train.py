@@ -1,6 +1,5 @@
 """Tests for the data section of train.py, on tiny files in the real formats."""
 import hashlib
-import io
 import pickle
 import tarfile
 import urllib.error
@@ -327,7 +326,7 @@ def test_train_then_sample_end_to_end(image_folder, tmp_path):
     assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (6, 32, 32, 3)
     assert data["arr_1"].tolist() == [0, 1, 2, 3, 4, 5]
     cfg = himar.preset("tiny")
-    assert Image.open(gif).n_frames == cfg.pivot_steps + cfg.dense_steps
+    assert Image.open(gif).n_frames == cfg.sampling.pivot_steps + cfg.sampling.dense_steps
 
 
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(image_folder, tmp_path):
@@ -366,17 +365,25 @@ def test_bad_flags_and_checkpoints_give_clear_errors(image_folder, tmp_path):
     out = tmp_path / "run"
     train.main(train_args(image_folder, out, 3))
     ckpt = str(out / "checkpoint.pt")
-    with pytest.raises(SystemExit, match="dense-steps must be between 1 and 64"):
+    with pytest.raises(SystemExit, match="dense_steps must be at least 1"):
         sample.main(["--ckpt", ckpt, "--dense-steps", "0", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="takes one or two numbers between 1 and 1000"):
+    with pytest.raises(SystemExit, match=r"dense_steps must be between 1 and the number of tokens \(64\), got 65"):
+        sample.main(["--ckpt", ckpt, "--dense-steps", "65", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="diffusion steps must be at least 1"):
         sample.main(["--ckpt", ckpt, "--dense-diffusion-steps", "50", "0", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="takes one or two numbers"):
+        sample.main(["--ckpt", ckpt, "--dense-diffusion-steps", "50", "20", "10", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="2"):  # argparse: invalid choice
+        sample.main(["--ckpt", ckpt, "--dense-sampler", "euler", "--device", "cpu"])
     with pytest.raises(SystemExit, match="dense_diffusion_steps must be a number or a pair"):
         train.main(train_args(image_folder, tmp_path / "c", 3) + ["--set", "dense_diffusion_steps=many"])
     assert train.config_from_args(train.parse_args(["--preset", "tiny", "--set", "width=64"])).width == 64  # tiny's heads divide 64
-    with pytest.raises(SystemExit, match="width must be divisible by heads"):
+    with pytest.raises(SystemExit, match="width must be divisible by num_heads"):
         train.config_from_args(train.parse_args(["--preset", "tiny", "--set", "width=63"]))
-    with pytest.raises(SystemExit, match="must be between 1 and diffusion_steps"):
+    with pytest.raises(SystemExit, match="diffusion steps must be at least 1"):
         train.main(train_args(image_folder, tmp_path / "d", 3) + ["--set", "dense_diffusion_steps=50,0"])
+    with pytest.raises(SystemExit, match="diffusion steps must be between 1 and diffusion_steps"):
+        train.main(train_args(image_folder, tmp_path / "d", 3) + ["--set", "dense_diffusion_steps=5000"])
     with pytest.raises(SystemExit, match="cannot write"):
         sample.main(["--ckpt", ckpt, "--grid", str(tmp_path / "no" / "such" / "dir.png"), "--device", "cpu"])
 
@@ -448,18 +455,20 @@ def test_training_flops_count_attention_on_cpu():
     # a training step costs about three forward passes (backward: two products per product of the forward);
     # without attention, which PyTorch cannot count in the CPU's fused kernel, it would be about 2.7 for tiny
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
-    import flops_by_part
+    import benchmark
 
     model = himar.HiMAR(himar.preset("tiny"))
-    _, forward = flops_by_part.flops_by_part(model)
-    assert train.flops_per_image(model, torch.device("cpu")) == pytest.approx(3 * forward, rel=0.03)
+    _, forward = benchmark.flops_by_part(model)
+    step, _ = benchmark.count_flops(model, torch.device("cpu"), backward=True)
+    assert step == pytest.approx(3 * forward, rel=0.03)
 
 
-def test_flops_by_part_accounts_for_the_whole_forward_pass(capsys):
+def test_benchmark_accounts_for_the_whole_forward_pass_and_times_training(capsys):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
-    import flops_by_part
+    import benchmark
 
-    parts, total = flops_by_part.main(["--preset", "tiny"])
+    result = benchmark.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "4"])
+    parts, total = result["parts"], result["forward"]
     assert sum(parts.values()) == pytest.approx(total, rel=1e-6)  # every FLOP belongs to one part
     assert {"blocks", "dense_head", "pivot_head"} <= set(parts)
     cfg, W = himar.preset("tiny"), himar.preset("tiny").width
@@ -470,6 +479,39 @@ def test_flops_by_part_accounts_for_the_whole_forward_pass(capsys):
     phase1 = cfg.buffer_tokens + cfg.num_pivots  # [buffer | pivots]
     phase2 = phase1 + cfg.num_dense  # [buffer | pivot context | dense]
     assert parts["blocks"] == cfg.depth * (block(phase1) + block(phase2))
-    mar, _ = flops_by_part.main(["--preset", "tiny", "--set", "pivots=none", "--set", "dense_head=mlp"])
+    assert result["images_per_s"] > 0
+    mar = benchmark.main(["--preset", "tiny", "--set", "pivots=none", "--set", "dense_head=mlp", "--steps", "0"])["parts"]
     assert "pivot_head" not in mar and mar["blocks"] < parts["blocks"]
-    assert "GFLOP per image" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "GFLOP per image" in out and "images/s" in out
+
+
+def test_weight_decay_falls_on_linear_weight_matrices_only():
+    model = himar.HiMAR(himar.preset("tiny"))
+    args = train.parse_args(["--preset", "tiny"])
+    decay, other = train.make_optimizer(model, args).param_groups
+    assert decay["weight_decay"] == args.weight_decay > 0 and other["weight_decay"] == 0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    for name in ("dense_head.pos", "class_embed.weight", "diffusion_pos_dense", "pos_dense", "mask_token",
+                 "pivot_placeholder", "blocks.0.a", "norm.weight", "token_embed.bias"):
+        assert name not in decayed, name
+    linear = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert decayed == linear and len(decay["params"]) + len(other["params"]) == len(list(model.parameters()))
+
+
+def test_ema_decay_reaches_the_configured_value_at_the_end_of_the_warmup():
+    args = train.parse_args(["--preset", "cifar10"])
+    assert args.ema_decay == 0.999 and args.warmup_steps == 500
+    assert train.ema_decay_at(args, 0) == 0.0
+    assert train.ema_decay_at(args, 250) == pytest.approx(0.4995)
+    assert all(train.ema_decay_at(args, s) == 0.999 for s in (500, 501, 8699))
+
+
+def test_a_checkpoint_without_optimizer_state_is_sampled_but_not_resumed(image_folder, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    model = himar.HiMAR(himar.preset("tiny"))
+    himar.save_checkpoint(out / "checkpoint.pt", {"config": himar.asdict(model.cfg), "ema": model.state_dict(), "step": 3})
+    with pytest.raises(SystemExit, match="holds no optimizer state"):
+        train.main(train_args(image_folder, out, 5) + ["--resume"])

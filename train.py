@@ -32,7 +32,6 @@ from PIL import Image
 from tqdm import tqdm
 
 import himar
-from sample import class_grid, save_grid
 
 # ----- Data -----
 
@@ -291,7 +290,7 @@ def batch_at(data: ImageData, step: int, batch_size: int, seed: int, device,
 
 # ----- Training -----
 
-# How long each preset trains when --max-steps is not given, and its EMA decay.
+# How long each preset trains when --max-steps is not given, and its EMA decay (reached at the end of the warm-up).
 RECIPES = {
     "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99),
     "cifar10": dict(steps=8700, batch_size=256, lr=8e-4, warmup=500, ema_decay=0.999),
@@ -313,7 +312,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", help="where checkpoints, logs and samples go (default: runs/<preset>)")
     p.add_argument("--max-steps", type=int, help="training steps (default: the preset's recipe)")
     p.add_argument("--max-minutes", type=float,
-                   help="also stop once the run has trained this long in all (resumed runs count their earlier time)")
+                   help="also stop once the run has trained this long in all (resumed runs count their earlier time); "
+                        "the pivot-dropout schedule then runs over this time")
     p.add_argument("--batch-size", type=int, help="global batch size (default: the preset's recipe)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's recipe)")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
@@ -325,7 +325,6 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and the heads")
-    p.add_argument("--benchmark", action="store_true", help="time a few steps, print throughput, save nothing")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=2000)
     p.add_argument("--ckpt-every", type=int, default=1000)
@@ -355,19 +354,24 @@ def config_from_args(args):
 
 
 def config_overrides(pairs):
-    """--set FIELD=VALUE pairs -> {field: value typed like the config's default}."""
-    types = {f.name: type(getattr(himar.Config(), f.name)) for f in fields(himar.Config)}
+    """--set FIELD=VALUE pairs -> {field: value typed like the config's default}; FIELD is a field of Config or of
+    its Sampling settings (e.g. --set dense_steps=4)."""
+    defaults = {**{f.name: getattr(himar.Config(), f.name) for f in fields(himar.Config) if f.name != "sampling"},
+                **{f.name: getattr(himar.Sampling(), f.name) for f in fields(himar.Sampling)}}
     overrides = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or name not in types:
-            raise SystemExit(f"error: --set {pair}: expected FIELD=VALUE with FIELD one of: {', '.join(types)}")
-        kind = types[name]
+        if not sep or name not in defaults:
+            raise SystemExit(f"error: --set {pair}: expected FIELD=VALUE with FIELD one of: {', '.join(defaults)}")
+        kind = type(defaults[name])
         try:
             if kind is bool:
                 overrides[name] = value.lower() in ("1", "true", "yes", "on")
             elif kind is tuple:  # the diffusion steps: "50" or "50,10" (first, last)
-                overrides[name] = tuple(int(v) for v in value.split(","))
+                steps = tuple(int(v) for v in value.split(","))
+                if len(steps) > 2:
+                    raise ValueError
+                overrides[name] = steps if len(steps) == 2 else steps[0]
             else:
                 overrides[name] = kind(value)
         except ValueError:
@@ -386,10 +390,18 @@ def learning_rate(args, step):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def ema_decay_at(args, step):
+    """The EMA decay rises linearly from 0 over the learning-rate warm-up (early weights are soon forgotten), then
+    stays at --ema-decay."""
+    return args.ema_decay * min(1.0, step / max(1, args.warmup_steps))
+
+
 def make_optimizer(model, args):
-    """AdamW (0.9, 0.95) with weight decay on matrices only (not on biases, norms, embeddings of positions)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("pos_", "mask_token", "pivot_placeholder"))]
-    other = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
+    """AdamW (0.9, 0.95). Weight decay on the weight matrices of linear layers only: none on embeddings (classes,
+    positions, the mask token, the placeholder), norms, biases and the scale-aware blocks' modulation."""
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    decay = [p for p in model.parameters() if id(p) in matrices]
+    other = [p for p in model.parameters() if id(p) not in matrices]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
 
@@ -400,23 +412,15 @@ def update_ema(ema, model, decay):
         e.lerp_(p.detach(), 1 - decay)
 
 
-def flops_per_image(model, device):
-    """FLOPs of one training step per image (forward + backward), counted by PyTorch on a batch of 4.
-    On a GPU the attention kernel that training uses is counted (its backward recomputes the scores). PyTorch
-    cannot count the CPU's fused attention kernel, so on a CPU attention is counted with the plain one."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cfg = model.cfg
-    images = torch.zeros(4, cfg.channels, cfg.image_size, cfg.image_size, device=device)
-    labels = torch.zeros(4, dtype=torch.long, device=device)
-    counter = FlopCounterMode(display=False)
-    countable = contextlib.nullcontext() if device.type == "cuda" else sdpa_kernel(SDPBackend.MATH)
-    with counter, countable, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # RNG kept
-        loss, _ = model(images, labels, pivot_dropout=0.0)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 4
+def training_step(step_model, optimizer, images, labels, pivot_dropout, grad_clip):
+    """One optimizer step (bf16 autocast on a GPU). Returns the loss and its parts, not yet synchronised."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        loss, parts = step_model(images, labels, pivot_dropout=pivot_dropout)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(step_model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach(), parts
 
 
 def setup_distributed(args):
@@ -459,7 +463,7 @@ def train(args, model_class=himar.HiMAR):
     """Train model_class(cfg) (Hi-MAR, or another model with the same forward and sample) as args say."""
     rank, world_size, device = setup_distributed(args)
     main_process = rank == 0
-    if device.type == "cpu" and main_process and not args.benchmark:
+    if device.type == "cpu" and main_process:
         print("warning: no CUDA GPU found, training on the CPU (slow; fine for --preset tiny)")
     if args.batch_size % world_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
@@ -474,6 +478,9 @@ def train(args, model_class=himar.HiMAR):
             checkpoint = himar.load_checkpoint(ckpt_path)
         except himar.CheckpointError as e:
             raise SystemExit(f"error: cannot resume: {e}") from None
+        if "optimizer" not in checkpoint:
+            raise SystemExit(f"error: cannot resume {ckpt_path}: it holds no optimizer state (an exported checkpoint, "
+                             "or one written by an older version of himar); it can still be sampled with sample.py")
         cfg = himar.config_from_checkpoint(checkpoint)
         wanted = config_from_args(args)
         if args.set and wanted != cfg:
@@ -518,9 +525,8 @@ def train(args, model_class=himar.HiMAR):
     if args.compile:  # the transformer blocks and the heads, where the work is; the step's own logic stays eager
         for module in [*model.blocks, *[m for m in model.modules() if isinstance(m, himar.DiffusionHead)]]:
             module.compile()
-    flops = flops_per_image(model, device)
     if main_process:
-        print(f"Hi-MAR {args.preset}: {model.num_params() / 1e6:.2f}M parameters, {flops / 1e9:.2f} GFLOP per training image; "
+        print(f"Hi-MAR {args.preset}: {model.num_params() / 1e6:.2f}M parameters; "
               f"{len(data.labels)} images, batch {args.batch_size} on {world_size} x {device}")
 
     def gathered(tensor):  # every rank's copy of a tensor, for the checkpoint
@@ -538,45 +544,34 @@ def train(args, model_class=himar.HiMAR):
                                               "optimizer": optimizer.state_dict(), "step": step, "rng": rng, "args": vars(args),
                                               "train_seconds": earlier_seconds + train_seconds})
 
-    def sample_grid(step):
+    def sample_grid(step):  # 8 samples of each of the first 10 classes, one row per class
         if main_process:
-            classes = list(range(min(10, cfg.num_classes)))
-            save_grid(class_grid(ema, classes, 8, seed=0, device=device), 8, os.path.join(args.out_dir, f"samples_{step:07d}.png"))
+            labels = torch.arange(min(10, cfg.num_classes), device=device).repeat_interleave(8)
+            himar.save_grid(ema.sample(labels, seed=0), 8, os.path.join(args.out_dir, f"samples_{step:07d}.png"))
 
     # the loop
     local_batch = args.batch_size // world_size
     log_path = os.path.join(args.out_dir, "metrics.jsonl")
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
     sums, count = {}, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    last_steps = min(args.max_steps, start_step + 30) if args.benchmark else args.max_steps
-    bar = tqdm(range(start_step, last_steps), initial=start_step, total=last_steps, disable=not main_process, desc="training")
-    timer_start, timed_images, train_seconds = time.time(), 0, 0.0
-    step = start_step
+    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=not main_process, desc="training")
+    timer_start, train_seconds, done = time.time(), 0.0, start_step
     for step in bar:
-        if args.benchmark and step == start_step + 10:  # 10 warm-up steps, then time the rest
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            timer_start, timed_images = time.time(), 0
         images, labels = batch_at(data, step, local_batch, args.seed, device, rank, world_size)
         lr = learning_rate(args, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast:
-            loss, parts = step_model(images, labels, pivot_dropout=himar.pivot_dropout_at(cfg, step))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
-        bad |= ~torch.isfinite(loss.detach())
-        for key, value in {"loss": loss.detach(), **parts}.items():
+        progress = step / args.max_steps  # through the run, by steps or, if --max-minutes ends it first, by time
+        if args.max_minutes is not None:
+            progress = max(progress, (earlier_seconds + train_seconds) / (60 * args.max_minutes))
+        loss, parts = training_step(step_model, optimizer, images, labels, himar.pivot_dropout_at(cfg, progress),
+                                    args.grad_clip)
+        update_ema(ema, model, ema_decay_at(args, step))
+        bad |= ~torch.isfinite(loss)
+        for key, value in {"loss": loss, **parts}.items():
             sums[key] = sums.get(key, 0.0) + value.float()
         count += 1
-        timed_images += args.batch_size
         done = step + 1
-        if args.benchmark:
-            continue
 
         if done % args.log_every == 0 or done == args.max_steps or done % args.ckpt_every == 0:
             if bad.item():  # stop before anything non-finite reaches a checkpoint
@@ -588,7 +583,7 @@ def train(args, model_class=himar.HiMAR):
             elapsed = time.time() - timer_start
             train_seconds += elapsed
             means = {k: (v / count).item() for k, v in sums.items()}
-            row = {"step": done, **means, "lr": lr, "images_per_s": timed_images / elapsed,
+            row = {"step": done, **means, "lr": lr, "images_per_s": count * args.batch_size / elapsed,
                    "minutes": (earlier_seconds + train_seconds) / 60}  # training time of the whole run so far
             if main_process:
                 with open(log_path, "a") as f:
@@ -601,7 +596,7 @@ def train(args, model_class=himar.HiMAR):
             if done % args.ckpt_every == 0 or done == args.max_steps:
                 save(done)
             stop = args.max_minutes is not None and earlier_seconds + train_seconds >= 60 * args.max_minutes
-            timer_start, timed_images = time.time(), 0
+            timer_start = time.time()
             if stop:
                 if done % args.ckpt_every != 0:
                     save(done)
@@ -609,18 +604,9 @@ def train(args, model_class=himar.HiMAR):
                 if main_process:
                     print(f"stopping after {(earlier_seconds + train_seconds) / 60:.2f} minutes of training (--max-minutes)")
                 break
-
-    # throughput report
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    if args.benchmark:
-        train_seconds, images_seen = time.time() - timer_start, timed_images
-    else:
-        images_seen = (step + 1 - start_step) * args.batch_size
     if main_process and train_seconds > 0:
-        per_s = images_seen / train_seconds
-        print(f"throughput: {per_s:.0f} images/s, {flops / 1e9:.2f} GFLOP per image, "
-              f"{per_s * flops / 1e12:.1f} TFLOP/s achieved ({train_seconds / 60:.1f} min timed)")
+        print(f"trained {done - start_step} steps in {train_seconds / 60:.1f} min: "
+              f"{(done - start_step) * args.batch_size / train_seconds:.0f} images/s (scripts/benchmark.py: FLOPs and TFLOP/s)")
     if world_size > 1:
         torch.distributed.destroy_process_group()
 

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -32,24 +33,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import himar  # noqa: E402
 import train  # noqa: E402
 from sampling_sweep import sample_and_score  # noqa: E402
-from sample import grid_array  # noqa: E402
 
 
 class DiT(nn.Module):
     """The baseline a user would pick instead: a plain class-conditional Diffusion Transformer over all dense
-    tokens (the same 2x2-pixel patches). It is himar.DiffusionHead at the size of the config's transformer
-    (width, depth, heads), conditioned on the class embedding alone. That condition is the same for every token,
-    so it is passed as one row per image [B, 1, W] and the adaLN modulations are computed once per image. Trained
-    with the same diffusion loss, sampled with the same DDPM sampler and classifier-free guidance (dense_cfg,
-    dense_diffusion_steps and temperature of the config)."""
+    tokens (the same 2x2-pixel patches). It is himar.DiTHead at the size of the config's transformer (width,
+    depth, num_heads), conditioned on the class embedding alone. That condition is the same for every token, so in
+    training it is passed as one row per image [B, 1, W] and the adaLN modulations are computed once per image.
+    Trained with the same diffusion loss (over every token: nothing is masked), sampled with the same samplers
+    and classifier-free guidance (the dense settings of the config's Sampling)."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.diffusion = himar.Diffusion(cfg.diffusion_steps)
         self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.width)  # the last class is the null class (CFG)
-        self.net = himar.DiffusionHead(cfg.token_dim, cfg.width, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio,
-                                       cfg.num_dense)
+        self.net = himar.DiTHead(cfg.token_dim, cfg.width, cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
+                                 cfg.num_dense, 1, himar.Diffusion(cfg.diffusion_steps))
         himar.init_weights(self)  # Hi-MAR's initialisation: xavier, adaLN-Zero, small embeddings
 
     def num_params(self):
@@ -60,30 +59,25 @@ class DiT(nn.Module):
         null = torch.full_like(labels, self.cfg.num_classes)
         labels = torch.where(torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout, null, labels)
         tokens = himar.patchify(images, self.cfg.patch_size)  # [B, Nd, D]
-        loss = self.diffusion.loss(self.net, tokens, self.class_embed(labels)[:, None]).mean()
+        loss = self.net.diffusion.loss(self.net, tokens, self.class_embed(labels)[:, None]).mean()
         return loss, {"dense": loss.detach()}
 
     @torch.no_grad()
-    def sample(self, labels, dense_cfg=None, dense_diffusion_steps=None, temperature=None, seed=None):
-        """Images [B, C, H, W] in [-1, 1] for class labels [B]: reverse diffusion of all tokens at once."""
+    def sample(self, labels, sampling=None, seed=None, **changes):
+        """Images [B, C, H, W] in [-1, 1] for class labels [B]: reverse diffusion of all tokens at once, with the
+        dense settings of `sampling` (default: the config's) changed by `changes`."""
         cfg = self.cfg
-        scale = cfg.dense_cfg if dense_cfg is None else dense_cfg
-        steps = himar.annealed_range(cfg.dense_diffusion_steps if dense_diffusion_steps is None else dense_diffusion_steps)[0]
-        temperature = cfg.temperature if temperature is None else temperature
+        s = replace(sampling or cfg.sampling, **changes)
         labels = torch.as_tensor(labels, device=self.class_embed.weight.device).long()
         device = labels.device
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        z = self.class_embed(torch.cat([labels, torch.full_like(labels, cfg.num_classes)]))[:, None]  # [2B, 1, W]
-
-        def eps_fn(x, t):  # classifier-free guidance: eps_null + scale * (eps_cond - eps_null)
-            eps_cond, eps_null = self.net(torch.cat([x, x]), torch.cat([t, t]), z).chunk(2)
-            return eps_null + scale * (eps_cond - eps_null)
-
+        z = self.class_embed(labels)[:, None]  # [B, 1, W]: one condition for every token
+        z_null = self.class_embed(torch.full_like(labels, cfg.num_classes))[:, None]
         was_training = self.training
         self.eval()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            tokens = self.diffusion.sample(eps_fn, (len(labels), cfg.num_dense, cfg.token_dim), steps, temperature,
-                                           generator, device)
+            tokens = self.net.denoise(z, z_null, s.dense_cfg, s.dense_diffusion_steps[0], s.dense_sampler,
+                                      s.temperature, generator, length=cfg.num_dense)
         self.train(was_training)
         return himar.unpatchify(tokens, cfg.patch_size, cfg.channels).clamp(-1, 1)
 
@@ -97,7 +91,7 @@ VARIANTS = {
     "conditional": ("3. conditional pivots, MLP heads", ["dense_head=mlp", "scale_vector=false", "dense_steps=64"]),
     "conditional_dit": ("4. conditional pivots, DiT head", ["scale_vector=false"]),
     "himar": ("5. Hi-MAR: 4 + scale vector", []),
-    "dit": ("plain DiT (baseline)", ["width=384", "depth=12", "heads=6"]),
+    "dit": ("plain DiT (baseline)", ["width=384", "depth=12", "num_heads=6"]),
 }
 DIT_LR = 4e-4  # the DiT baseline is twice as deep and wider; 8e-4 (the cifar10 recipe) is aggressive for it
 
@@ -158,12 +152,10 @@ def run_variant(name, args, log):
 
 def save_class_grid(npz_path, png_path, num_classes, per_class=10):
     """The first per_class samples of each class (rows) from an npz of samples."""
-    import matplotlib.pyplot as plt
-
     data = np.load(npz_path)
     images, labels = data["arr_0"], data["arr_1"]
-    rows = [images[labels == c][:per_class] for c in range(min(10, num_classes))]
-    plt.imsave(png_path, grid_array(np.concatenate(rows), per_class))
+    rows = np.concatenate([images[labels == c][:per_class] for c in range(min(10, num_classes))])
+    himar.save_grid(torch.from_numpy(rows).permute(0, 3, 1, 2).float() / 127.5 - 1, per_class, png_path)
 
 
 def read_results(out):
@@ -262,7 +254,7 @@ def grids(out, png, per_class=6):
         raise SystemExit(f"error: no {out}/<variant>/final_grid.png: run the study first")
     fig, axes = plt.subplots(1, len(found), figsize=(2.3 * len(found), 3.9), squeeze=False)
     for ax, (n, image) in zip(axes[0], found):
-        tile = (image.shape[0] - 2) // 10  # 10 rows (classes) of samples, each with grid_array's 2-pixel gap
+        tile = (image.shape[0] - 2) // 10  # 10 rows (classes) of samples, each with save_grid's 2-pixel gap
         ax.imshow(image[:, :2 + per_class * tile], interpolation="nearest"), ax.axis("off")
         ax.set_title(VARIANTS[n][0], fontsize=8)
     fig.tight_layout()

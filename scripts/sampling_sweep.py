@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import himar  # noqa: E402
-from sample import to_uint8  # noqa: E402
 
 
 def sample_and_score(model, num_images, setting, scorer=None, batch_size=1000, keep=None):
@@ -33,7 +32,7 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=1000, k
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.time()
-    chunks = [to_uint8(model.sample(labels[i:i + batch_size].to(device), seed=i, **setting))
+    chunks = [himar.to_uint8(model.sample(labels[i:i + batch_size].to(device), seed=i, **setting))
               for i in range(0, num_images, batch_size)]
     seconds = time.time() - start
     row = {"setting": setting, "n": num_images, "seconds": round(seconds, 1), "images_per_s": round(num_images / seconds, 1)}

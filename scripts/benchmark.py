@@ -1,0 +1,112 @@
+"""Where a config's compute goes and how fast it trains: FLOPs by part, and the throughput of training steps.
+
+    python scripts/benchmark.py                                    # the cifar10 preset, on the best device
+    python scripts/benchmark.py --preset imagenet64 --batch-size 64 --compile
+    python scripts/benchmark.py --preset tiny --set dense_head=mlp --set pivots=none --device cpu --steps 3
+
+Prints the forward FLOPs per image of each top-level part of the model (PyTorch's FLOP counter on a CPU batch
+of 4, attention counted through the math kernel), the FLOPs of one training step per image, then times
+--steps training steps of random images (after --warmup untimed ones) with train.py's training_step: images/s,
+TFLOP/s achieved, and the peak GPU memory.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import himar  # noqa: E402
+import train  # noqa: E402
+
+
+def count_flops(model, device, backward, batch=4):
+    """(total FLOPs per image, {module path: FLOPs}) of one forward pass, or of forward + backward. On a GPU the
+    attention kernel that training uses is counted (its backward recomputes the scores); PyTorch cannot count
+    the CPU's fused kernel, so on a CPU attention goes through the math kernel, made of countable products."""
+    cfg = model.cfg
+    images = torch.zeros(batch, cfg.channels, cfg.image_size, cfg.image_size, device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False)
+    kernel = contextlib.nullcontext() if device.type == "cuda" else sdpa_kernel(SDPBackend.MATH)
+    grad = contextlib.nullcontext() if backward else torch.no_grad()
+    with counter, kernel, grad, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        loss, _ = model(images, labels, pivot_dropout=0.0)
+        if backward:
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    counts = {name: sum(c.values()) / batch for name, c in counter.get_flop_counts().items()}
+    return counter.get_total_flops() / batch, counts
+
+
+def flops_by_part(model):
+    """{part: forward FLOPs per image} for the model's direct children (a ModuleList counts as one part), largest
+    first, and the total of the whole forward pass."""
+    total, counts = count_flops(model, torch.device("cpu"), backward=False)
+    root = type(model).__name__
+    parts = {}
+    for name, child in model.named_children():
+        paths = [f"{root}.{name}.{i}" for i in range(len(child))] if isinstance(child, nn.ModuleList) else [f"{root}.{name}"]
+        parts[name] = sum(counts.get(path, 0) for path in paths)
+    return {k: v for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v > 0}, total
+
+
+def throughput(model, args, device):
+    """Images/s of train.py's training_step on random images, timed over args.steps after args.warmup steps."""
+    cfg = model.cfg
+    optimizer = train.make_optimizer(model, args)
+    images = torch.rand(args.batch_size, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    labels = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            sync()
+            start = time.time()
+        train.training_step(model, optimizer, images, labels, 0.5, args.grad_clip)
+    sync()
+    return args.steps * args.batch_size / (time.time() - start)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="cifar10", choices=list(himar.PRESETS))
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="as in train.py")
+    p.add_argument("--batch-size", type=int, help="default: the preset's recipe")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps (0: count FLOPs only)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (kernel selection, compilation)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and the heads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    args.batch_size = args.batch_size or train.RECIPES[args.preset]["batch_size"]
+    args.lr, args.weight_decay, args.grad_clip = 1e-4, 0.02, 3.0
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    model = himar.HiMAR(train.config_from_args(args))
+    parts, forward = flops_by_part(model)
+    print(f"{args.preset}: {model.num_params() / 1e6:.2f}M parameters; {forward / 1e9:.2f} GFLOP per image in one forward pass")
+    for name, flops in parts.items():
+        print(f"  {name:<20} {flops / 1e9:7.2f} GFLOP  {100 * flops / forward:5.1f}%")
+    model.to(device)
+    per_image, _ = count_flops(model, device, backward=True)
+    print(f"one training step: {per_image / 1e9:.2f} GFLOP per image (forward + backward, on {device.type})")
+    result = {"parts": parts, "forward": forward, "train_flops": per_image}
+    if args.steps > 0:
+        if args.compile:
+            for module in [*model.blocks, *[m for m in model.modules() if isinstance(m, himar.DiffusionHead)]]:
+                module.compile()
+        rate = throughput(model, args, device)
+        memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        print(f"training: batch {args.batch_size}, {rate:.0f} images/s, {rate * per_image / 1e12:.1f} TFLOP/s{memory}")
+        result["images_per_s"] = rate
+    return result
+
+
+if __name__ == "__main__":
+    main()
