@@ -28,6 +28,7 @@ W transformer width, L sequence length.
 
 import math
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -811,13 +812,19 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(path, checkpoint):
-    """torch.save to a temporary file in the same folder, then rename: a crash mid-save leaves the old file."""
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`: a crash at any
+    point leaves the old file whole. The file gets the user's usual permissions (the umask's), not 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -825,15 +832,22 @@ def save_checkpoint(path, checkpoint):
         raise
 
 
+TMP_PREFIX = ".tmp-"  # save_checkpoint's temporary files; a run removes those that a killed run left
+
+
 def load_checkpoint(path, device="cpu"):
     """Read a checkpoint written by save_checkpoint (an older version's is brought up to date); a clear
-    CheckpointError if it is not one."""
+    CheckpointError if it is not one. Only tensors and plain data are read: nothing in the file can run code."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: check the path (train.py writes <out-dir>/checkpoint.pt)")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data, so it was not read (loading "
+                              "them could run code): it was not written by himar") from None
     except Exception as e:
-        raise CheckpointError(f"{path} could not be read as a checkpoint (corrupt or truncated file?): {e}") from None
+        raise CheckpointError(f"{path} could not be read as a checkpoint (corrupt or truncated file?): "
+                              f"{type(e).__name__}") from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or not {"model", "ema"} & set(checkpoint):
         raise CheckpointError(f"{path} is not a Hi-MAR checkpoint (it has no config and model weights)")
     return upgrade(checkpoint)
@@ -902,10 +916,14 @@ def load_weights(model, checkpoint, key="model"):
 
 
 def model_from_checkpoint(path, device="cpu", key="ema"):
-    """Rebuild a model from the file alone: its config, then its weights (EMA weights by default)."""
+    """Rebuild a model from the file alone: its config, then its weights (EMA weights by default), which must be
+    finite."""
     checkpoint = load_checkpoint(path, device)
     model = HiMAR(config_from_checkpoint(checkpoint)).to(device)
     load_weights(model, checkpoint, key if key in checkpoint else "model")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise CheckpointError(f"{path} holds weights that are NaN or inf: it cannot generate images. Use an earlier "
+                              "checkpoint of the run (train.py never saves such weights; this file was not written by it)")
     return model.eval()
 
 

@@ -7,8 +7,10 @@
 """
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 import time
 from dataclasses import fields, replace
 
@@ -136,25 +138,62 @@ def sampling_settings(args, cfg):
 def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError:
+        sys.exit(f"error: --device {name}: not a device; use cuda, cuda:N, cpu or auto")
     if name.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"error: --device {name} asked for, but no CUDA GPU is available (use --device cpu)")
     return name
 
 
-def check_writable(path):
-    if path:
+OUTPUTS = {"grid": (".png", ".jpg", ".jpeg"), "trajectory": (".png", ".gif"), "npz": (".npz",)}
+
+
+def check_args(args):
+    """Every flag checked before the model is loaded, so that nothing fails after minutes of sampling."""
+    for name in ("per_class", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            sys.exit(f"error: --{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}")
+    if args.npz and args.num_images <= 0:
+        sys.exit("error: --npz needs --num-images N (N > 0)")
+    if args.num_images and not args.npz:
+        sys.exit("error: --num-images needs --npz FILE.npz to write them to")
+    for name, extensions in OUTPUTS.items():
+        path = getattr(args, name)
+        if not path:
+            continue
+        if not path.lower().endswith(extensions):
+            sys.exit(f"error: --{name} {path}: the file name must end in {' or '.join(extensions)}")
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             sys.exit(f"error: cannot write {path}: the folder {folder} does not exist or is not writable")
 
 
+@contextlib.contextmanager
+def written(path):
+    """Write `path` through a temporary file in the same folder, renamed over it only when complete: a crash leaves
+    the earlier file (if any) whole. Yields the temporary path (with the same extension)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(name)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def wrote(path):
+    """How to report writing `path`, said before writing it: "replaced" if it existed, else "wrote"."""
+    return "replaced" if os.path.exists(path) else "wrote"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     device = pick_device(args.device)
-    for path in (args.grid, args.npz, args.trajectory):
-        check_writable(path)
-    if args.npz and args.num_images <= 0:
-        sys.exit("error: --npz needs --num-images N (N > 0)")
     try:
         model = himar.model_from_checkpoint(args.ckpt, device)
     except himar.CheckpointError as e:
@@ -173,13 +212,17 @@ def main(argv=None):
         start = time.time()
         images, frames = class_grid(model, rows, per_class, args.seed, device, sampling=sampling, trajectory=True)
         if args.grid:
-            himar.save_grid(images, per_class, args.grid)
-            print(f"wrote {args.grid} ({len(rows)} classes x {per_class}) in {time.time() - start:.1f} s")
+            verb = wrote(args.grid)
+            with written(args.grid) as tmp:
+                himar.save_grid(images, per_class, tmp)
+            print(f"{verb} {args.grid}: {len(rows)} classes x {per_class}, in {time.time() - start:.1f} s")
         if args.trajectory:
             first_of_each = list(range(0, min(4, len(rows)) * per_class, per_class))  # one sample of each of 4 classes
             frames = [{**f, "image": f["image"][first_of_each], "mask": f["mask"][first_of_each]} for f in frames]
-            trajectory_figure(frames, args.trajectory, len(first_of_each))
-            print(f"wrote {args.trajectory} ({len(frames)} steps)")
+            verb = wrote(args.trajectory)
+            with written(args.trajectory) as tmp:
+                trajectory_figure(frames, tmp, len(first_of_each))
+            print(f"{verb} {args.trajectory}: {len(frames)} steps")
 
     if args.npz:
         from tqdm import tqdm
@@ -191,8 +234,10 @@ def main(argv=None):
             batch = all_labels[i:i + args.batch_size].to(device)
             chunks.append(himar.to_uint8(model.sample(batch, sampling, seed=args.seed + i)))
         seconds = time.time() - start
-        np.savez(args.npz, arr_0=np.concatenate(chunks), arr_1=all_labels.numpy())
-        print(f"wrote {args.npz}: {args.num_images} images in {seconds:.1f} s ({args.num_images / seconds:.1f} images/s)")
+        verb = wrote(args.npz)
+        with written(args.npz) as tmp:
+            np.savez(tmp, arr_0=np.concatenate(chunks), arr_1=all_labels.numpy())
+        print(f"{verb} {args.npz}: {args.num_images} images in {seconds:.1f} s ({args.num_images / seconds:.1f} images/s)")
 
 
 if __name__ == "__main__":

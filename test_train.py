@@ -1,9 +1,14 @@
-"""Tests for the data section of train.py, on tiny files in the real formats."""
+"""Tests of train.py and sample.py: the data loaders on tiny files in the real formats, training, resuming,
+sampling, and what keeps a user's work safe."""
 import hashlib
+import json
+import os
 import pickle
+import signal
 import tarfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,8 +290,6 @@ def test_batch_at_batch_too_large():
 
 # --- the command lines end to end (tiny preset, a folder data set, CPU) ---------------------------------
 
-import json  # noqa: E402
-import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -515,3 +518,198 @@ def test_a_checkpoint_without_optimizer_state_is_sampled_but_not_resumed(image_f
     himar.save_checkpoint(out / "checkpoint.pt", {"config": himar.asdict(model.cfg), "ema": model.state_dict(), "step": 3})
     with pytest.raises(SystemExit, match="holds no optimizer state"):
         train.main(train_args(image_folder, out, 5) + ["--resume"])
+
+
+# ----- never losing a user's work, never running a stranger's code -----
+
+
+class RunsAShellCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("name", ["data_batch_2", "batches.meta"])
+def test_a_tampered_cifar_file_is_refused_and_never_run(tmp_path, name):
+    folder = write_cifar(tmp_path)
+    marker = tmp_path / "the_command_ran"
+    (folder / name).write_bytes(pickle.dumps({b"labels": RunsAShellCommand(marker), b"label_names": []}))
+    with pytest.raises(DataError, match=f"{name} is not an official CIFAR-10 file: it holds a posix.system object"):
+        load_dataset("cifar10", str(tmp_path), 32)
+    assert not marker.exists()
+
+
+def test_a_fresh_run_never_overwrites_a_run_folder_by_accident(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(train_args(image_folder, out, 6))
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit, match="holds a run.*--resume.*--overwrite"):
+        train.main(train_args(image_folder, out, 3))
+    assert (out / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(SystemExit):
+        train.main(train_args(image_folder, out, 3, "--resume", "--overwrite"))
+    train.main(train_args(image_folder, out, 3, "--overwrite"))
+    assert torch.load(out / "checkpoint.pt")["step"] == 3
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [3]  # the old run's rows are gone
+
+
+def test_resume_takes_the_runs_own_settings_and_reports_changes(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(train_args(image_folder, out, 3, "--lr", "3e-3", "--seed", "7"))
+    train.main(["--out-dir", str(out), "--resume", "--device", "cpu", "--max-steps", "6", "--batch-size", "16"])
+    saved = torch.load(out / "checkpoint.pt")["args"]
+    assert saved["lr"] == 3e-3 and saved["seed"] == 7 and saved["dataset"] == "folder" and saved["warmup_steps"] == 2
+    assert saved["max_steps"] == 6 and saved["batch_size"] == 16 and saved["preset"] == "tiny"
+    out_text = capsys.readouterr().out
+    assert "--max-steps 6 (the run had 3)" in out_text and "--batch-size 16 (the run had 8)" in out_text
+    with pytest.raises(SystemExit, match="trained with --preset tiny, not cifar10"):
+        train.main(["--out-dir", str(out), "--resume", "--device", "cpu", "--preset", "cifar10"])
+
+
+class InfiniteGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_a_non_finite_gradient_or_weight_never_reaches_a_checkpoint(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(train_args(image_folder, out, 3))
+    good = (out / "checkpoint.pt").read_bytes()
+    forward = himar.HiMAR.forward
+    with monkeypatch.context() as m:  # a finite loss whose gradient is infinite
+        m.setattr(himar.HiMAR, "forward", lambda self, *a, **k: (InfiniteGradient.apply(forward(self, *a, **k)[0]), {}))
+        with pytest.raises(SystemExit, match="gradient became NaN or inf.*last good checkpoint"):
+            train.main(train_args(image_folder, out, 6, "--resume"))
+    assert (out / "checkpoint.pt").read_bytes() == good
+    with monkeypatch.context() as m:  # weights gone bad without a bad loss or gradient
+        m.setattr(train, "update_ema", lambda ema, model, decay: [p.data.fill_(float("nan")) for p in ema.parameters()])
+        with pytest.raises(SystemExit, match="weights became NaN or inf"):
+            train.main(train_args(image_folder, out, 6, "--resume"))
+    assert (out / "checkpoint.pt").read_bytes() == good
+    # sample.py refuses a checkpoint with non-finite weights
+    checkpoint = torch.load(out / "checkpoint.pt")
+    checkpoint["ema"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in checkpoint["ema"].items()}
+    himar.save_checkpoint(tmp_path / "bad.pt", checkpoint)
+    with pytest.raises(SystemExit, match="NaN or inf: it cannot generate images"):
+        sample.main(["--ckpt", str(tmp_path / "bad.pt"), "--device", "cpu", "--trajectory", ""])
+
+
+def test_a_second_run_into_a_folder_in_use_stops_and_names_the_first(image_folder, tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("pid 4242 on elsewhere")
+        holder.flush()
+        with pytest.raises(SystemExit, match=r"in use by another training run \(pid 4242 on elsewhere\)"):
+            train.main(train_args(image_folder, out, 3))
+    train.main(train_args(image_folder, out, 3))  # free again once the first has ended
+    assert (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_save_the_step_and_exit(image_folder, tmp_path, monkeypatch, signum):
+    out = tmp_path / "run"
+    step = train.training_step
+    calls = []
+
+    def interrupted_at_the_fifth(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signum)  # arrives in the middle of training
+        return step(*args)
+
+    monkeypatch.setattr(train, "training_step", interrupted_at_the_fifth)
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(image_folder, out, 12))  # checkpoints every 3 steps
+    assert e.value.code == 130 and torch.load(out / "checkpoint.pt")["step"] == 5  # the step in flight, finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    # a resume drops metric rows past the checkpoint, so none is written twice
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n")
+    monkeypatch.setattr(train, "training_step", step)
+    train.main(train_args(image_folder, out, 9, "--resume"))
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [3, 5, 6, 9]
+
+
+def test_checkpoints_are_synced_get_the_users_mode_and_stale_temporary_files_go(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".tmp-abc123.pt").write_bytes(b"x" * 1000)  # left by a run killed while saving
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd)))
+    old_umask = os.umask(0o022)
+    try:
+        train.main(train_args(image_folder, out, 3))
+    finally:
+        os.umask(old_umask)
+    assert not list(out.glob(".tmp-*")) and synced
+    assert (out / "checkpoint.pt").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--grad-clip", "-1"], "--grad-clip must be > 0"), (["--batch-size", "0"], "--batch-size must be a positive"),
+    (["--lr", "0"], "--lr must be > 0"), (["--lr", "-1"], "--lr must be > 0"), (["--device", "foo"], "not a device"),
+    (["--max-minutes", "0"], "--max-minutes must be > 0"), (["--ema-decay", "1"], "--ema-decay must be in"),
+])
+def test_train_flags_are_checked_before_anything_starts(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "tiny", *flags])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--per-class", "0"], "--per-class must be a positive"), (["--batch-size", "0"], "--batch-size must be a positive"),
+    (["--grid", "grid.bmp"], "must end in .png or .jpg or .jpeg"), (["--trajectory", "t.mp4"], "must end in .png or .gif"),
+    (["--num-images", "10"], "--num-images needs --npz"), (["--npz", "samples", "--num-images", "4"], "must end in .npz"),
+    (["--device", "foo"], "not a device"),
+])
+def test_sample_flags_are_checked_before_the_model_loads(flags, message, monkeypatch):
+    monkeypatch.setattr(himar, "model_from_checkpoint", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
+    with pytest.raises(SystemExit, match=message):
+        sample.main(flags)
+
+
+def test_sample_writes_each_file_whole_or_not_at_all(image_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train.main(train_args(image_folder, out, 3))
+    npz = tmp_path / "samples.npz"
+    npz.write_bytes(b"an earlier, good file")
+
+    def killed(path, **arrays):
+        open(path, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez", killed)
+        with pytest.raises(KeyboardInterrupt):
+            sample.main(["--ckpt", str(out / "checkpoint.pt"), "--device", "cpu", "--grid", "", "--trajectory", "",
+                         "--num-images", "4", "--npz", str(npz)])
+    assert npz.read_bytes() == b"an earlier, good file" and [p.name for p in tmp_path.glob(".tmp-*")] == []
+    sample.main(["--ckpt", str(out / "checkpoint.pt"), "--device", "cpu", "--grid", "", "--trajectory", "",
+                 "--num-images", "4", "--npz", str(npz)])
+    assert np.load(npz)["arr_0"].shape == (4, 32, 32, 3) and f"replaced {npz}:" in capsys.readouterr().out
+
+
+def test_hidden_files_in_an_image_folder_are_skipped(image_folder):
+    Path(image_folder, "class0", "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata")
+    assert len(load_dataset("folder", image_folder, 32).labels) == 64
+
+
+def test_a_short_class_map_is_blamed_not_the_data(tmp_path):
+    write_imagenet(tmp_path)
+    (tmp_path / "map_clsloc.txt").write_text("n01440764 1 tench\nn01443537 2 goldfish\n")
+    with pytest.raises(DataError, match="map_clsloc.txt names 2 classes, not ImageNet's 1000"):
+        load_dataset("imagenet64", str(tmp_path), 64)

@@ -13,6 +13,7 @@ import argparse
 import copy
 import contextlib
 import functools
+import glob
 import hashlib
 import http.client
 import json
@@ -20,7 +21,11 @@ import math
 import os
 import pickle
 import re
+import signal
+import socket
+import sys
 import tarfile
+import threading
 import time
 import urllib.request
 import zipfile
@@ -32,6 +37,11 @@ from PIL import Image
 from tqdm import tqdm
 
 import himar
+
+try:
+    import fcntl
+except ImportError:
+    fcntl = None
 
 # ----- Data -----
 
@@ -119,6 +129,24 @@ def _fetch_cifar10(data_dir, folder):
         tar.extractall(data_dir, filter="data")  # the "data" filter refuses paths leaving data_dir
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Reads the official CIFAR-10 pickles (Python 2 pickles of dicts, lists, bytes and numpy arrays) and nothing
+    else: an object of any other kind, which unpickling would build and which could run code, is refused."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
+        (f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")}
+
+    def __init__(self, f, path, hint):
+        super().__init__(f, encoding="bytes")
+        self.path, self.hint = path, hint
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise DataError(f"{self.path} is not an official CIFAR-10 file: it holds a {module}.{name} object, so it "
+                            f"was not read (loading it could run code). {self.hint}")
+        return super().find_class(module, name)
+
+
 def _load_cifar10(data_dir, image_size):
     if image_size != 32:
         raise DataError(f"CIFAR-10 images are 32x32, so image_size must be 32 (got {image_size}); "
@@ -137,7 +165,7 @@ def _load_cifar10(data_dir, image_size):
 
     def unpickle(path):
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")  # the official files are Python 2 pickles
+            return CifarUnpickler(f, path, hint).load()
 
     path = os.path.join(folder, "batches.meta")
     with _reading(path, hint):
@@ -186,6 +214,9 @@ def _load_imagenet64(data_dir, image_size, chunk=4096):
             with open(map_path) as f:
                 rows = [line.split() for line in f if line.strip()]
             class_names = [name for _, _, name in sorted(rows, key=lambda r: int(r[1]))]
+        if len(class_names) != 1000:
+            raise DataError(f"{map_path} names {len(class_names)} classes, not ImageNet's 1000: fix or delete it "
+                            "(it is optional; lines look like 'n02119789 1 kit_fox').")
 
     # Pass 1: shapes and labels only, so the pixels can go straight into one preallocated array.
     sizes, labels = [], []
@@ -230,7 +261,8 @@ def _load_folder(data_dir, image_size):
         raise DataError(f"{data_dir} has no class sub-folders. {layout}")
     files = []
     for label, c in enumerate(classes):
-        names = sorted(f for f in os.listdir(os.path.join(data_dir, c)) if f.lower().endswith(IMAGE_EXTS))
+        names = sorted(f for f in os.listdir(os.path.join(data_dir, c))
+                       if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))  # not macOS's ._x.jpg
         if not names:
             raise DataError(f"Class folder {os.path.join(data_dir, c)} holds no images. {layout}")
         files += [(os.path.join(data_dir, c, f), label) for f in names]
@@ -303,7 +335,7 @@ class TrainingStopped(Exception):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train Hi-MAR on one GPU (or several with torchrun).")
+    p = argparse.ArgumentParser(description="Train Hi-MAR on one GPU (or several with torchrun).", allow_abbrev=False)
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "imagenet64", "folder"])
     p.add_argument("--data-dir", default="./data", help="folder that holds (or receives) the data set")
     p.add_argument("--preset", choices=list(himar.PRESETS), help="model config (default: cifar10, or imagenet64 for that data set)")
@@ -319,30 +351,53 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
     p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"], help="after the warm-up")
     p.add_argument("--weight-decay", type=float, default=0.02)
-    p.add_argument("--grad-clip", type=float, default=3.0)
+    p.add_argument("--grad-clip", type=float, default=3.0, help="clip the gradient norm to this (> 0)")
     p.add_argument("--ema-decay", type=float, help="EMA of the weights (default: the preset's recipe)")
-    p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir from its checkpoint, with its own settings (flags given now change them)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds a run, deleting it")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and the heads")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=2000)
     p.add_argument("--ckpt-every", type=int, default=1000)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    # the flags given on this command line (the others may come from a run's checkpoint when resuming)
+    args.given = sorted({a.dest for a in p._actions for token in argv if token.split("=")[0] in a.option_strings})
     args.preset = args.preset or ("imagenet64" if args.dataset == "imagenet64" else "cifar10")
     recipe = RECIPES[args.preset]
-    args.max_steps = args.max_steps if args.max_steps is not None else recipe["steps"]
-    args.batch_size = args.batch_size or recipe["batch_size"]
-    args.lr = args.lr or recipe["lr"]
-    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else recipe["warmup"]
-    args.ema_decay = args.ema_decay if args.ema_decay is not None else recipe["ema_decay"]
+    for name, key in (("max_steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("warmup_steps", "warmup"),
+                      ("ema_decay", "ema_decay")):
+        if getattr(args, name) is None:
+            setattr(args, name, recipe[key])
     args.out_dir = args.out_dir or os.path.join("runs", args.preset)
+    check_args(args, p.error)
+    return args
+
+
+def check_args(args, error):
+    """Every numeric flag within its range, and a device that exists, before anything starts."""
     for name in ("max_steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
         if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+            error(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}")
+    for name in ("lr", "grad_clip"):
+        if not getattr(args, name) > 0:  # also catches NaN
+            error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        error(f"--max-minutes must be > 0, got {args.max_minutes}")
+    if args.warmup_steps < 0 or not args.weight_decay >= 0:
+        error("--warmup-steps and --weight-decay must be >= 0")
     if not 0 <= args.ema_decay < 1:
-        p.error("--ema-decay must be in [0, 1)")
-    return args
+        error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.resume and args.overwrite:
+        error("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")
+    if args.device != "auto":
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            error(f"--device {args.device}: not a device; use cuda, cuda:N, cpu or auto")
 
 
 def config_from_args(args):
@@ -413,14 +468,15 @@ def update_ema(ema, model, decay):
 
 
 def training_step(step_model, optimizer, images, labels, pivot_dropout, grad_clip):
-    """One optimizer step (bf16 autocast on a GPU). Returns the loss and its parts, not yet synchronised."""
+    """One optimizer step (bf16 autocast on a GPU). Returns the loss, its parts and the gradient norm before
+    clipping, all still on the device (not synchronised)."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
         loss, parts = step_model(images, labels, pivot_dropout=pivot_dropout)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(step_model.parameters(), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(step_model.parameters(), grad_clip)
     optimizer.step()
-    return loss.detach(), parts
+    return loss.detach(), parts, grad_norm
 
 
 def setup_distributed(args):
@@ -459,164 +515,268 @@ def plot_losses(log_path, png_path):
     plt.close(fig)
 
 
+class Interrupted(Exception):
+    """Training was asked to stop (Ctrl-C, SIGTERM) and saved its checkpoint first."""
+
+
+class Stopping:
+    """Within `with stopping:`, SIGINT (Ctrl-C) and SIGTERM do not kill training: they ask it to finish the step it is
+    in, save a checkpoint and stop. A second Ctrl-C stops at once, as usual."""
+
+    signal = None
+
+    def __enter__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def requested(self, device, world_size):
+        """Whether to stop after this step (under DDP, whether any rank was asked: all stop at the same step)."""
+        if world_size == 1:
+            return self.signal is not None
+        flag = torch.tensor(float(self.signal is not None), device=device)
+        torch.distributed.all_reduce(flag)
+        return flag.item() > 0
+
+
+stopping = Stopping()
+
+
+def claim_run_folder(args):
+    """The main process's hold on --out-dir: an exclusive lock (a second run into the same folder stops, naming the
+    first); the temporary files of runs killed while saving removed; and a run there never overwritten by accident.
+    Returns the open lock file: the lock lasts until it is closed."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    lock = open(os.path.join(args.out_dir, ".lock"), "a+")
+    if fcntl is not None:  # (Windows has no flock: no lock there)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise SystemExit(f"error: {args.out_dir} is in use by another training run ({holder}); "
+                             "wait for it to end, or choose another --out-dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+    for tmp in glob.glob(os.path.join(args.out_dir, himar.TMP_PREFIX + "*.pt")):
+        os.remove(tmp)
+    if os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")) and not args.resume:
+        if not args.overwrite:
+            raise SystemExit(f"error: {args.out_dir} holds a run (checkpoint.pt): continue it with --resume, start afresh "
+                             "there with --overwrite (which deletes it), or choose another --out-dir")
+        old = ["checkpoint.pt", "metrics.jsonl", "loss.png"] + glob.glob1(args.out_dir, "samples_*.png")
+        for name in old:
+            if os.path.exists(os.path.join(args.out_dir, name)):
+                os.remove(os.path.join(args.out_dir, name))
+    return lock
+
+
+def resumed_args(args, saved, verbose):
+    """--resume: the run's own settings, saved in its checkpoint, for every flag not given now; a given flag that
+    differs is printed as a change. The device and --compile are this process's own. --preset must agree."""
+    if "preset" in args.given and saved.get("preset", args.preset) != args.preset:
+        raise SystemExit(f"error: the run in {args.out_dir} was trained with --preset {saved['preset']}, not {args.preset}: "
+                         "resume it without --preset (or start a new run in another --out-dir)")
+    merged = argparse.Namespace(**vars(args))
+    for key, value in saved.items():
+        if key in ("resume", "overwrite", "device", "compile", "out_dir", "given") or not hasattr(args, key):
+            continue
+        if key not in args.given:
+            setattr(merged, key, value)
+        elif value != getattr(args, key) and verbose:
+            print(f"resuming with --{key.replace('_', '-')} {getattr(args, key)} (the run had {value})")
+    check_args(merged, lambda message: sys.exit(f"error: {message}"))
+    return merged
+
+
+def drop_rows_after(log_path, step):
+    """Keep the metrics of steps up to `step` (the checkpoint's): those past it are trained again after a resume."""
+    if os.path.exists(log_path):
+        rows = [line for line in open(log_path) if line.strip() and json.loads(line)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(rows)
+
+
 def train(args, model_class=himar.HiMAR):
     """Train model_class(cfg) (Hi-MAR, or another model with the same forward and sample) as args say."""
     rank, world_size, device = setup_distributed(args)
     main_process = rank == 0
-    if device.type == "cpu" and main_process:
-        print("warning: no CUDA GPU found, training on the CPU (slow; fine for --preset tiny)")
-    if args.batch_size % world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed + rank)
-
-    # the model: from the checkpoint when resuming, else from the preset and --set
-    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-    checkpoint = None
-    if args.resume:
-        try:
-            checkpoint = himar.load_checkpoint(ckpt_path)
-        except himar.CheckpointError as e:
-            raise SystemExit(f"error: cannot resume: {e}") from None
-        if "optimizer" not in checkpoint:
-            raise SystemExit(f"error: cannot resume {ckpt_path}: it holds no optimizer state (an exported checkpoint, "
-                             "or one written by an older version of himar); it can still be sampled with sample.py")
-        cfg = himar.config_from_checkpoint(checkpoint)
-        wanted = config_from_args(args)
-        if args.set and wanted != cfg:
-            raise SystemExit(f"error: --set changes the config of the run in {args.out_dir}; resume it without --set")
-    else:
-        cfg = config_from_args(args)
-    if main_process:
-        os.makedirs(args.out_dir, exist_ok=True)
-
-    # data: rank 0 first (it may download), then the others
-    if rank != 0:
-        torch.distributed.barrier()
-    try:
-        data = load_dataset(args.dataset, args.data_dir, cfg.image_size)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
-    if rank == 0 and world_size > 1:
-        torch.distributed.barrier()
-    if data.labels.max() >= cfg.num_classes:
-        raise SystemExit(f"error: the data has {int(data.labels.max()) + 1} classes, the {args.preset} preset {cfg.num_classes}; "
-                         f"use --set num_classes={int(data.labels.max()) + 1}")
-    if device.type == "cuda" and data.images.numel() < 2**31:  # small data sets live on the GPU
-        data.images = data.images.to(device)
-
-    model = model_class(cfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = make_optimizer(model, args)
-    start_step, earlier_seconds = 0, 0.0  # where a resumed run starts, and how long it had trained
-    if checkpoint is not None:
-        himar.load_weights(model, checkpoint, "model")
-        himar.load_weights(ema, checkpoint, "ema")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step, earlier_seconds = checkpoint["step"], checkpoint.get("train_seconds", 0.0)
-        torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
-        if device.type == "cuda" and checkpoint["rng"].get("cuda"):
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
-        if main_process:
-            print(f"resuming {ckpt_path} at step {start_step}")
-    step_model = model
-    if world_size > 1:
-        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:  # the transformer blocks and the heads, where the work is; the step's own logic stays eager
-        for module in [*model.blocks, *[m for m in model.modules() if isinstance(m, himar.DiffusionHead)]]:
-            module.compile()
-    if main_process:
-        print(f"Hi-MAR {args.preset}: {model.num_params() / 1e6:.2f}M parameters; "
-              f"{len(data.labels)} images, batch {args.batch_size} on {world_size} x {device}")
-
-    def gathered(tensor):  # every rank's copy of a tensor, for the checkpoint
-        if world_size == 1:
-            return [tensor]
-        out = [torch.zeros_like(tensor) for _ in range(world_size)]
-        torch.distributed.all_gather(out, tensor.to(device))
-        return [t.cpu() for t in out]
-
-    def save(step):
-        rng = {"cpu": gathered(torch.get_rng_state()),
-               "cuda": gathered(torch.cuda.get_rng_state()) if device.type == "cuda" else []}
-        if main_process:
-            himar.save_checkpoint(ckpt_path, {"config": asdict(cfg), "model": model.state_dict(), "ema": ema.state_dict(),
-                                              "optimizer": optimizer.state_dict(), "step": step, "rng": rng, "args": vars(args),
-                                              "train_seconds": earlier_seconds + train_seconds})
-
-    def sample_grid(step):  # 8 samples of each of the first 10 classes, one row per class
-        if main_process:
-            labels = torch.arange(min(10, cfg.num_classes), device=device).repeat_interleave(8)
-            himar.save_grid(ema.sample(labels, seed=0), 8, os.path.join(args.out_dir, f"samples_{step:07d}.png"))
-
-    # the loop
-    local_batch = args.batch_size // world_size
-    log_path = os.path.join(args.out_dir, "metrics.jsonl")
-    bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
-    sums, count = {}, 0
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=not main_process, desc="training")
-    timer_start, train_seconds, done = time.time(), 0.0, start_step
-    for step in bar:
-        images, labels = batch_at(data, step, local_batch, args.seed, device, rank, world_size)
-        lr = learning_rate(args, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        progress = step / args.max_steps  # through the run, by steps or, if --max-minutes ends it first, by time
-        if args.max_minutes is not None:
-            progress = max(progress, (earlier_seconds + train_seconds) / (60 * args.max_minutes))
-        loss, parts = training_step(step_model, optimizer, images, labels, himar.pivot_dropout_at(cfg, progress),
-                                    args.grad_clip)
-        update_ema(ema, model, ema_decay_at(args, step))
-        bad |= ~torch.isfinite(loss)
-        for key, value in {"loss": loss, **parts}.items():
-            sums[key] = sums.get(key, 0.0) + value.float()
-        count += 1
-        done = step + 1
-
-        if done % args.log_every == 0 or done == args.max_steps or done % args.ckpt_every == 0:
-            if bad.item():  # stop before anything non-finite reaches a checkpoint
-                raise TrainingStopped(
-                    f"the loss became NaN or inf between step {done - count + 1} and {done}. The last good checkpoint "
-                    f"({ckpt_path}) was not touched; resume it with a lower --lr or a stronger --grad-clip.")
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.time() - timer_start
-            train_seconds += elapsed
-            means = {k: (v / count).item() for k, v in sums.items()}
-            row = {"step": done, **means, "lr": lr, "images_per_s": count * args.batch_size / elapsed,
-                   "minutes": (earlier_seconds + train_seconds) / 60}  # training time of the whole run so far
+    # the run folder is locked (one run at a time) while the run lasts
+    with claim_run_folder(args) if main_process else contextlib.nullcontext():
+        # the model: from the checkpoint when resuming (with the run's own settings), else from the preset and --set
+        ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+        checkpoint = None
+        if args.resume:
+            try:
+                checkpoint = himar.load_checkpoint(ckpt_path)
+            except himar.CheckpointError as e:
+                raise SystemExit(f"error: cannot resume: {e}") from None
+            if "optimizer" not in checkpoint:
+                raise SystemExit(f"error: cannot resume {ckpt_path}: it holds no optimizer state (an exported checkpoint, "
+                                 "or one written by an older version of himar); it can still be sampled with sample.py")
+            args = resumed_args(args, checkpoint.get("args", {}), main_process)
+            cfg = himar.config_from_checkpoint(checkpoint)
+            if "set" in args.given and config_from_args(args) != cfg:
+                raise SystemExit(f"error: --set changes the config of the run in {args.out_dir}; resume it without --set")
             if main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
-                bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"})
-            sums, count = {}, 0
-            if done % args.sample_every == 0 or done == args.max_steps:
-                sample_grid(done)
-            if done % args.ckpt_every == 0 or done == args.max_steps:
-                save(done)
-            stop = args.max_minutes is not None and earlier_seconds + train_seconds >= 60 * args.max_minutes
-            timer_start = time.time()
-            if stop:
-                if done % args.ckpt_every != 0:
-                    save(done)
-                sample_grid(done)
+                drop_rows_after(os.path.join(args.out_dir, "metrics.jsonl"), checkpoint["step"])
+        else:
+            cfg = config_from_args(args)
+        if device.type == "cpu" and main_process:
+            print("warning: no CUDA GPU found, training on the CPU (slow; fine for --preset tiny)")
+        if args.batch_size % world_size:
+            raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.manual_seed(args.seed + rank)
+
+        # data: rank 0 first (it may download), then the others
+        if rank != 0:
+            torch.distributed.barrier()
+        try:
+            data = load_dataset(args.dataset, args.data_dir, cfg.image_size)
+        except DataError as e:
+            raise SystemExit(f"error: {e}") from None
+        if rank == 0 and world_size > 1:
+            torch.distributed.barrier()
+        if data.labels.max() >= cfg.num_classes:
+            raise SystemExit(f"error: the data has {int(data.labels.max()) + 1} classes, the {args.preset} preset {cfg.num_classes}; "
+                             f"use --set num_classes={int(data.labels.max()) + 1}")
+        if device.type == "cuda" and data.images.numel() < 2**31:  # small data sets live on the GPU
+            data.images = data.images.to(device)
+
+        model = model_class(cfg).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        optimizer = make_optimizer(model, args)
+        start_step, earlier_seconds = 0, 0.0  # where a resumed run starts, and how long it had trained
+        if checkpoint is not None:
+            himar.load_weights(model, checkpoint, "model")
+            himar.load_weights(ema, checkpoint, "ema")
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            start_step, earlier_seconds = checkpoint["step"], checkpoint.get("train_seconds", 0.0)
+            torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
+            if device.type == "cuda" and checkpoint["rng"].get("cuda"):
+                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
+            if main_process:
+                print(f"resuming {ckpt_path} at step {start_step}")
+        step_model = model
+        if world_size > 1:
+            step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.compile:  # the transformer blocks and the heads, where the work is; the step's own logic stays eager
+            for module in [*model.blocks, *[m for m in model.modules() if isinstance(m, himar.DiffusionHead)]]:
+                module.compile()
+        if main_process:
+            print(f"Hi-MAR {args.preset}: {model.num_params() / 1e6:.2f}M parameters; "
+                  f"{len(data.labels)} images, batch {args.batch_size} on {world_size} x {device}")
+
+        def gathered(tensor):  # every rank's copy of a tensor, for the checkpoint
+            if world_size == 1:
+                return [tensor]
+            out = [torch.zeros_like(tensor) for _ in range(world_size)]
+            torch.distributed.all_gather(out, tensor.to(device))
+            return [t.cpu() for t in out]
+
+        def save(step):
+            if not all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()]):
+                raise TrainingStopped(f"the weights became NaN or inf before step {step}. The last good checkpoint ({ckpt_path}) "
+                                      "was not touched; resume it with a lower --lr or a stronger --grad-clip.")
+            rng = {"cpu": gathered(torch.get_rng_state()),
+                   "cuda": gathered(torch.cuda.get_rng_state()) if device.type == "cuda" else []}
+            if main_process:
+                himar.save_checkpoint(ckpt_path, {"config": asdict(cfg), "model": model.state_dict(), "ema": ema.state_dict(),
+                                                  "optimizer": optimizer.state_dict(), "step": step, "rng": rng, "args": vars(args),
+                                                  "train_seconds": earlier_seconds + train_seconds})
+
+        def sample_grid(step):  # 8 samples of each of the first 10 classes, one row per class
+            if main_process:
+                labels = torch.arange(min(10, cfg.num_classes), device=device).repeat_interleave(8)
+                himar.save_grid(ema.sample(labels, seed=0), 8, os.path.join(args.out_dir, f"samples_{step:07d}.png"))
+
+        # the loop
+        local_batch = args.batch_size // world_size
+        log_path = os.path.join(args.out_dir, "metrics.jsonl")
+        bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient since the last check
+        sums, count = {}, 0
+        bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=not main_process, desc="training")
+        timer_start, train_seconds, done = time.time(), 0.0, start_step
+        for step in bar:
+            images, labels = batch_at(data, step, local_batch, args.seed, device, rank, world_size)
+            lr = learning_rate(args, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            progress = step / args.max_steps  # through the run, by steps or, if --max-minutes ends it first, by time
+            if args.max_minutes is not None:
+                progress = max(progress, (earlier_seconds + train_seconds) / (60 * args.max_minutes))
+            loss, parts, grad_norm = training_step(step_model, optimizer, images, labels,
+                                                   himar.pivot_dropout_at(cfg, progress), args.grad_clip)
+            update_ema(ema, model, ema_decay_at(args, step))
+            bad |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+            for key, value in {"loss": loss, **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value.float()
+            count += 1
+            done = step + 1
+            interrupted = stopping.requested(device, world_size)  # Ctrl-C or SIGTERM: finish this step, save, exit
+
+            if done % args.log_every == 0 or done == args.max_steps or done % args.ckpt_every == 0 or interrupted:
+                if bad.item():  # stop before anything non-finite reaches a checkpoint
+                    raise TrainingStopped(
+                        f"the loss or its gradient became NaN or inf between step {done - count + 1} and {done}. The last good "
+                        f"checkpoint ({ckpt_path}) was not touched; resume it with a lower --lr or a stronger --grad-clip.")
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.time() - timer_start
+                train_seconds += elapsed
+                means = {k: (v / count).item() for k, v in sums.items()}
+                row = {"step": done, **means, "lr": lr, "images_per_s": count * args.batch_size / elapsed,
+                       "minutes": (earlier_seconds + train_seconds) / 60}  # training time of the whole run so far
                 if main_process:
-                    print(f"stopping after {(earlier_seconds + train_seconds) / 60:.2f} minutes of training (--max-minutes)")
-                break
-    if main_process and train_seconds > 0:
-        print(f"trained {done - start_step} steps in {train_seconds / 60:.1f} min: "
-              f"{(done - start_step) * args.batch_size / train_seconds:.0f} images/s (scripts/benchmark.py: FLOPs and TFLOP/s)")
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"})
+                sums, count = {}, 0
+                out_of_time = args.max_minutes is not None and earlier_seconds + train_seconds >= 60 * args.max_minutes
+                if done % args.sample_every == 0 or done == args.max_steps or out_of_time:
+                    sample_grid(done)
+                if done % args.ckpt_every == 0 or done == args.max_steps or out_of_time or interrupted:
+                    save(done)
+                if interrupted:
+                    raise Interrupted(f"{stopping.signal}: stopped after step {done} and saved {ckpt_path}; "
+                                      "continue the run with --resume")
+                timer_start = time.time()
+                if out_of_time:
+                    if main_process:
+                        print(f"stopping after {(earlier_seconds + train_seconds) / 60:.2f} minutes of training (--max-minutes)")
+                    break
+        if main_process and train_seconds > 0:
+            print(f"trained {done - start_step} steps in {train_seconds / 60:.1f} min: "
+                  f"{(done - start_step) * args.batch_size / train_seconds:.0f} images/s (scripts/benchmark.py: FLOPs and TFLOP/s)")
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        with stopping:
+            train(args)
     except TrainingStopped as e:
         raise SystemExit(f"error: {e}") from None
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
