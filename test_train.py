@@ -361,6 +361,8 @@ def test_bad_flags_and_checkpoints_give_clear_errors(image_folder, tmp_path):
         train.main(train_args(image_folder, tmp_path / "a", 3) + ["--set", "depth=x"])
     with pytest.raises(SystemExit, match="FIELD one of"):
         train.main(train_args(image_folder, tmp_path / "a", 3) + ["--set", "colour=red"])
+    with pytest.raises(SystemExit, match="heads is now called num_heads"):
+        train.main(train_args(image_folder, tmp_path / "a", 3) + ["--set", "heads=4"])
     with pytest.raises(SystemExit, match="cannot resume: no checkpoint"):
         train.main(train_args(image_folder, tmp_path / "b", 3) + ["--resume"])
     with pytest.raises(SystemExit, match="no checkpoint at"):

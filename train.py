@@ -416,6 +416,9 @@ def config_overrides(pairs):
     overrides = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
+        renamed = {"heads": "num_heads", "dit_head_heads": "dit_head_num_heads"}  # the names of the first version
+        if name in renamed:
+            raise SystemExit(f"error: --set {pair}: the field {name} is now called {renamed[name]}")
         if not sep or name not in defaults:
             raise SystemExit(f"error: --set {pair}: expected FIELD=VALUE with FIELD one of: {', '.join(defaults)}")
         kind = type(defaults[name])
