@@ -591,3 +591,16 @@ def test_config_rejects_impossible_combinations():
         preset("tiny", pivots="lowres")
     with pytest.raises(ValueError, match="unknown preset"):
         preset("cifar100")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_a_checkpoint_holding_code_is_refused_without_torchs_advice_to_trust_it(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"config": {}, "model": RunsCode()}, path)
+    with pytest.raises(himar.CheckpointError) as e:
+        himar.load_checkpoint(path)
+    assert "holds objects other than tensors" in str(e.value) and "weights_only" not in str(e.value)
