@@ -93,6 +93,8 @@ def annealed_range(steps):
 
 @dataclass
 class Config:
+    """The model: token layout, the shared transformer and the two heads (paper Table 1, scaled down), the training
+    choices (masks, pivot dropout, loss weights), the ablation switches of Table 5, and its default Sampling."""
     # image and tokens
     image_size: int = 32
     channels: int = 3
@@ -811,6 +813,9 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable, or made for another model."""
 
 
+TMP_PREFIX = ".tmp-"  # save_checkpoint's temporary files; a run removes those that a killed run left
+
+
 def save_checkpoint(path, checkpoint):
     """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`: a crash at any
     point leaves the old file whole. The file gets the user's usual permissions (the umask's), not 0600."""
@@ -831,8 +836,6 @@ def save_checkpoint(path, checkpoint):
             os.remove(tmp)
         raise
 
-
-TMP_PREFIX = ".tmp-"  # save_checkpoint's temporary files; a run removes those that a killed run left
 
 
 def load_checkpoint(path, device="cpu"):
