@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import time
 from dataclasses import fields, replace
 
@@ -175,8 +174,7 @@ def written(path):
     """Write `path` through a temporary file in the same folder, renamed over it only when complete: a crash leaves
     the earlier file (if any) whole. Yields the temporary path (with the same extension)."""
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(name)[1])
-    os.close(fd)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")  # made by the writer: the user's usual file mode
     try:
         yield tmp
         os.replace(tmp, path)

@@ -703,6 +703,9 @@ def test_sample_writes_each_file_whole_or_not_at_all(image_folder, tmp_path, mon
     sample.main(["--ckpt", str(out / "checkpoint.pt"), "--device", "cpu", "--grid", "", "--trajectory", "",
                  "--num-images", "4", "--npz", str(npz)])
     assert np.load(npz)["arr_0"].shape == (4, 32, 32, 3) and f"replaced {npz}:" in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert npz.stat().st_mode & 0o777 == 0o666 & ~umask  # the user's usual mode, not a temporary file's 0600
 
 
 def test_hidden_files_in_an_image_folder_are_skipped(image_folder):
