@@ -513,6 +513,17 @@ def test_ema_decay_reaches_the_configured_value_at_the_end_of_the_warmup():
     assert all(train.ema_decay_at(args, s) == 0.999 for s in (500, 501, 8699))
 
 
+def test_the_learning_rate_decays_over_the_time_budget_when_max_minutes_ends_the_run():
+    args = train.parse_args(["--preset", "cifar10", "--max-steps", "1000000", "--max-minutes", "20", "--warmup-steps", "10"])
+    assert train.learning_rate(args, 5, 0.0) == pytest.approx(args.lr * 6 / 10)  # warm-up by steps
+    halfway = train.run_progress(args, 5000, 10 * 60)  # few of the steps, half of the time
+    assert halfway == pytest.approx(0.5)
+    assert train.learning_rate(args, 5000, halfway) == pytest.approx(args.lr * 0.55)  # cosine midpoint of 1 -> 0.1
+    assert train.learning_rate(args, 9000, train.run_progress(args, 9000, 20 * 60)) == pytest.approx(args.lr * 0.1)
+    by_steps = train.parse_args(["--preset", "cifar10", "--max-steps", "100"])
+    assert train.run_progress(by_steps, 50, 1e6) == 0.5  # no time budget: steps alone
+
+
 def test_a_checkpoint_without_optimizer_state_is_sampled_but_not_resumed(image_folder, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

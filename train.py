@@ -345,7 +345,7 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, help="training steps (default: the preset's recipe)")
     p.add_argument("--max-minutes", type=float,
                    help="also stop once the run has trained this long in all (resumed runs count their earlier time); "
-                        "the pivot-dropout schedule then runs over this time")
+                        "the learning-rate decay and the pivot-dropout schedule then run over this time")
     p.add_argument("--batch-size", type=int, help="global batch size (default: the preset's recipe)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's recipe)")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
@@ -438,14 +438,23 @@ def config_overrides(pairs):
     return overrides
 
 
-def learning_rate(args, step):
-    """Linear warm-up, then constant or cosine decay to 10% of the peak."""
+def learning_rate(args, step, progress):
+    """Linear warm-up over the first steps, then constant or cosine decay to 10% of the peak by the end of the run;
+    progress (0 to 1) is how far through the run this step is (see run_progress)."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     if args.lr_schedule == "constant":
         return args.lr
-    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def run_progress(args, step, seconds):
+    """How far through the run (0 to 1) a step is: by steps, or by training time when --max-minutes ends the run
+    first. The learning rate's decay and the pivot dropout's schedule follow it."""
+    progress = step / args.max_steps
+    if args.max_minutes is not None:
+        progress = max(progress, seconds / (60 * args.max_minutes))
+    return progress
 
 
 def ema_decay_at(args, step):
@@ -716,12 +725,10 @@ def train(args, model_class=himar.HiMAR):
         timer_start, train_seconds, done = time.time(), 0.0, start_step
         for step in bar:
             images, labels = batch_at(data, step, local_batch, args.seed, device, rank, world_size)
-            lr = learning_rate(args, step)
+            progress = run_progress(args, step, earlier_seconds + train_seconds)
+            lr = learning_rate(args, step, progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            progress = step / args.max_steps  # through the run, by steps or, if --max-minutes ends it first, by time
-            if args.max_minutes is not None:
-                progress = max(progress, (earlier_seconds + train_seconds) / (60 * args.max_minutes))
             loss, parts, grad_norm = training_step(step_model, optimizer, images, labels,
                                                    himar.pivot_dropout_at(cfg, progress), args.grad_clip)
             update_ema(ema, model, ema_decay_at(args, step))

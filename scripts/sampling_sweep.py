@@ -3,7 +3,9 @@
     python scripts/sampling_sweep.py --ckpt runs/cifar10/checkpoint.pt --scorer PATH/score_cifar10.py \
         --num-images 10000 --out sweep.jsonl --settings "{}" '{"dense_diffusion_steps": 25}'
 
-Each setting is a JSON dict of HiMAR.sample arguments (missing ones keep the checkpoint's defaults).
+Each setting is a JSON dict of HiMAR.sample arguments (missing ones keep the checkpoint's defaults), e.g.
+'{"drop_pivots": true}'; with '{"pivots_only": true}' the images scored are phase 1's pivot images (16x16 on
+CIFAR-10), enlarged 2x (bilinear): where phase 1 stands on its own.
 One JSON line per setting: the setting, seconds, images/s, and the scorer's output (fd, acc, ...).
 """
 
@@ -17,9 +19,20 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import himar  # noqa: E402
+
+
+def generate(model, labels, seed, setting):
+    """model.sample(labels, seed=seed, **setting), or with setting["pivots_only"] the pivot images, enlarged 2x."""
+    setting = dict(setting)
+    if not setting.pop("pivots_only", False):
+        return model.sample(labels, seed=seed, **setting)
+    _, frames = model.sample(labels, seed=seed, trajectory=True, **setting)
+    pivots = [f["image"] for f in frames if f["phase"] == "pivot"][-1]  # phase 1's last frame: every pivot revealed
+    return F.interpolate(pivots, scale_factor=2, mode="bilinear", align_corners=False).clamp(-1, 1)
 
 
 def sample_and_score(model, num_images, setting, scorer=None, batch_size=1000, keep=None):
@@ -28,11 +41,11 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=1000, k
     keep: also save the samples there (an npz in the ADM layout)."""
     device = next(model.parameters()).device
     labels = torch.arange(num_images) % model.cfg.num_classes
-    model.sample(labels[:8].to(device), seed=123, **setting)  # warm-up
+    generate(model, labels[:8].to(device), 123, setting)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.time()
-    chunks = [himar.to_uint8(model.sample(labels[i:i + batch_size].to(device), seed=i, **setting))
+    chunks = [himar.to_uint8(generate(model, labels[i:i + batch_size].to(device), i, setting))
               for i in range(0, num_images, batch_size)]
     seconds = time.time() - start
     row = {"setting": setting, "n": num_images, "seconds": round(seconds, 1), "images_per_s": round(num_images / seconds, 1)}
