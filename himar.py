@@ -231,8 +231,9 @@ def random_orders(batch, n, device, generator=None):
 
 
 def mask_by_order(orders, num_masked):
-    """Bool [B, n], True at the first `num_masked` positions of each order (those stay hidden). The shape does
-    not depend on num_masked, so a training step never waits for the GPU to learn how many tokens it masks."""
+    """Bool [B, n], True at the first `num_masked` positions of each order (those stay hidden); num_masked is one
+    count for all images, or one per image [B, 1]. The shape does not depend on num_masked, so a training step
+    never waits for the GPU to learn how many tokens it masks."""
     rank = orders.argsort(dim=1)  # rank[b, i]: where position i comes in image b's order
     return rank < num_masked
 
@@ -274,6 +275,61 @@ def reveal_schedule(n, steps):
         masked = max(min(target, masked - 1), steps - k - 1)  # reveal >= 1 now, leave >= 1 for each later step
         schedule.append(masked)
     return schedule
+
+
+def reveal_counts(unknown, steps):
+    """reveal_schedule for images with different numbers of tokens to generate, unknown [B] (in editing, the
+    tokens not given): how many of each image's are still masked after each step, [K, B]. K = steps, or fewer
+    when no image has that many tokens (none: K = 0). An image with fewer tokens than K reveals one per step,
+    then waits for the others."""
+    steps = min(steps, int(unknown.max()))
+    schedules = [reveal_schedule(u, min(steps, u)) if u else [] for u in unknown.tolist()]
+    return torch.tensor([s + [0] * (steps - len(s)) for s in schedules], dtype=torch.long).T.to(unknown.device)
+
+
+def known_last(orders, keep):
+    """The orders [B, n] with each image's given positions (keep [B, n] True) moved to the end, the others
+    still in their random order. Tokens are revealed from the end of the order, so the given ones count as
+    revealed first, and mask_by_order(orders, k) with k <= the tokens to generate hides none of them."""
+    return orders.gather(1, keep.gather(1, orders).int().argsort(dim=1, stable=True))
+
+
+def whole_patches(mask, size):
+    """Bool [B, H, W] -> [B, (H/size)*(W/size)] in patchify's raster order: True where the whole size x size
+    patch is True."""
+    B, H, W = mask.shape
+    return mask.reshape(B, H // size, size, W // size, size).all(dim=4).all(dim=2).flatten(1)
+
+
+def known_tokens(cfg, known_images, known_mask, batch, device):
+    """The tokens that editing gives (inpainting, outpainting, class swaps): known_images [B, C, H, W] in [-1, 1]
+    are kept where known_mask [B, H, W] is True, and the mask must keep or drop whole dense tokens. A dense token
+    is known where its p x p patch is kept, a pivot where the whole 2x2 group of dense tokens under it is (its
+    low-resolution patch is then the downsample of kept pixels only). The other pixels are never looked at.
+    Returns (pivots [B, Np, D], pivot_keep [B, Np], dense [B, Nd, D], dense_keep [B, Nd]), keep True = given;
+    with neither argument nothing is given (plain generation)."""
+    S, C, p = cfg.image_size, cfg.channels, cfg.patch_size
+    if known_images is None and known_mask is None:
+        known_images = torch.zeros(batch, C, S, S, device=device)
+        known_mask = torch.zeros(batch, S, S, dtype=torch.bool, device=device)
+    if known_images is None or known_mask is None:
+        raise ValueError("known_images and known_mask go together: give both (or neither, to generate from scratch)")
+    known_images, known_mask = torch.as_tensor(known_images, device=device), torch.as_tensor(known_mask, device=device)
+    if tuple(known_images.shape) != (batch, C, S, S):
+        raise ValueError(f"known_images must be [B, C, H, W] = [{batch}, {C}, {S}, {S}] (one {S}x{S} image per label "
+                         f"for this model), got {list(known_images.shape)}")
+    if tuple(known_mask.shape) != (batch, S, S) or known_mask.dtype != torch.bool:
+        raise ValueError(f"known_mask must be a bool tensor [B, H, W] = [{batch}, {S}, {S}] (True where pixels are "
+                         f"kept), got {known_mask.dtype} {list(known_mask.shape)}")
+    partly = ~whole_patches(known_mask, p) & ~whole_patches(~known_mask, p)  # [B, Nd]: neither all kept nor all not
+    if partly.any():
+        raise ValueError(f"known_mask must be aligned to whole dense tokens: every {p}x{p} pixel patch (patch_size "
+                         f"{p}, from the top-left corner) all True or all False; {int(partly.sum())} patches are partly kept")
+    known_images = torch.where(known_mask[:, None], known_images.float(), 0)  # [B, C, H, W]: the rest unseen
+    if not (known_images.isfinite().all() and known_images.abs().max() <= 1):
+        raise ValueError("known_images must be pixels in [-1, 1] where kept (8-bit pixels x: x / 127.5 - 1)")
+    pivots, dense = tokenize(known_images, p)
+    return pivots, whole_patches(known_mask, 2 * p), dense, whole_patches(known_mask, p)
 
 
 def diffusion_schedule(diffusion_steps, steps):
@@ -468,12 +524,6 @@ class DiTBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
-def at(x, where):
-    """The rows of x [B, n, C] at the True positions of where [B, n], the same number k in every image:
-    [B, k, C] (None stays None)."""
-    return None if x is None else x[where].view(x.shape[0], -1, x.shape[-1])
-
-
 def masked_mean(loss, mask):
     """The mean of loss [...] over the True positions of mask [...]."""
     weight = mask.float()
@@ -510,7 +560,8 @@ class DiffusionHead(nn.Module):
     def denoise(self, z, z_null, cfg_scale, steps, sampler, temperature, generator, known=None, keep=None, length=None):
         """Sample a map of tokens [B, L, D] by reverse diffusion (Diffusion.sample), conditioned per token on
         z [B, L, W] (or [B, 1, W], one condition for all `length` tokens). With z_null (the same positions under the
-        null class), classifier-free guidance on the noise: eps = eps_null + cfg_scale * (eps_cond - eps_null)."""
+        null class), classifier-free guidance on the noise: eps = eps_null + cfg_scale * (eps_cond - eps_null);
+        cfg_scale is a number, or one per map [B, 1, 1]."""
 
         def eps_fn(x, t):
             if z_null is None:
@@ -539,9 +590,13 @@ class MLPHead(DiffusionHead):
         return masked_mean(loss, mask.flatten().repeat(r))
 
     def sample(self, tokens, mask, reveal, z, z_null, cfg_scale, steps, sampler, temperature, generator):
-        """One generation step: the tokens revealed now (reveal [B, n]) are sampled, each from its own z_i; the
+        """One generation step: the tokens revealed now (reveal [B, n], not necessarily as many in every image) are
+        sampled, each from its own z_i and at its image's guidance scale (a number, or one per image [B, 1, 1]); the
         others [B, n, D] are returned unchanged."""
-        sampled = self.denoise(at(z, reveal), at(z_null, reveal), cfg_scale, steps, sampler, temperature, generator)
+        B, n = reveal.shape
+        one_each = lambda x: None if x is None else x[reveal][:, None]  # [K, 1, ...]: each revealed token is a map
+        scale = one_each(torch.as_tensor(cfg_scale, device=z.device).expand(B, n, 1))  # [K, 1, 1]
+        sampled = self.denoise(one_each(z), one_each(z_null), scale, steps, sampler, temperature, generator)
         tokens = tokens.clone()
         tokens[reveal] = sampled.flatten(0, 1).to(tokens.dtype)
         return tokens
@@ -568,7 +623,8 @@ class DiTHead(DiffusionHead):
 
     def sample(self, tokens, mask, reveal, z, z_null, cfg_scale, steps, sampler, temperature, generator):
         """One generation step: denoise the whole map, keeping the tokens revealed so far (~mask) by replacement at
-        every denoising step; every still-masked position takes the new sample (those in `reveal` for good)."""
+        every denoising step; every still-masked position takes the new sample (those in `reveal` for good).
+        cfg_scale: a number, or one per image [B, 1, 1]."""
         sampled = self.denoise(z, z_null, cfg_scale, steps, sampler, temperature, generator, known=tokens, keep=~mask)
         return torch.where(mask[..., None], sampled.to(tokens.dtype), tokens)
 
@@ -729,33 +785,37 @@ class HiMAR(nn.Module):
 
     # --- sampling -----------------------------------------------------------------------------------
 
-    def unmask(self, phase, labels, steps, cfg_scale, diffusion_steps, sampler, temperature, generator,
+    def unmask(self, phase, labels, known, keep, steps, cfg_scale, diffusion_steps, sampler, temperature, generator,
                pivot_context=None, frames=None):
-        """One phase of generation: reveal all of the phase's tokens in `steps` steps, in a random order,
-        following the cosine schedule. Returns the tokens [B, N, D] and, per position, the transformer
-        output z at the step it was revealed [B, N, W] (phase 1's z_s, which phase 2 is conditioned on)."""
+        """One phase of generation: reveal the phase's tokens in `steps` steps, in a random order, following the
+        cosine schedule. The tokens `known` [B, N, D] where keep [B, N] is True are given (editing; see
+        known_tokens): they start revealed, and the schedule covers only the others (in fewer steps if fewer than
+        `steps` are left, none if all are given). Returns the tokens [B, N, D] and, per position, the transformer
+        output z at the step it was generated [B, N, W] (phase 1's z_s, which phase 2 is conditioned on; zero
+        where given)."""
         cfg, B, device = self.cfg, labels.shape[0], labels.device
         n = cfg.num_pivots if phase == PIVOT else cfg.num_dense
         head = self.pivot_head if phase == PIVOT else self.dense_head
-        denoising_steps = diffusion_schedule(diffusion_steps, steps)  # per generation step (annealed)
-        tokens = torch.zeros(B, n, cfg.token_dim, device=device)
-        mask = torch.ones(B, n, dtype=torch.bool, device=device)  # True = not yet revealed
+        tokens = torch.where(keep[..., None], known, 0)  # [B, n, D]
+        mask = ~keep  # True = not yet revealed
         z_revealed = torch.zeros(B, n, cfg.width, device=device)
-        orders = random_orders(B, n, device, generator)
+        orders = known_last(random_orders(B, n, device, generator), keep)
+        schedule = reveal_counts(mask.sum(dim=1), steps)  # [K, B]: per image, how many stay masked after each step
+        denoising_steps = diffusion_schedule(diffusion_steps, len(schedule))  # per generation step (annealed)
         guided = cfg_scale != 1.0
         # CFG: a second branch with the null class, sharing the tokens (and pivots) of the first
         if guided:
             labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
         pivot_context = twice(pivot_context) if guided else pivot_context
 
-        for step, num_masked in enumerate(reveal_schedule(n, steps)):
+        for step, num_masked in enumerate(schedule):  # num_masked [B]
             # 1. the transformer looks at everything revealed so far
             seen = (twice(tokens), twice(mask)) if guided else (tokens, mask)
             z = self.transformer(phase, labels, *seen, pivot_context)  # [B (x2 with CFG), n, W]
             z, z_null = z.chunk(2) if guided else (z, None)
             # 2. the positions revealed at this step, and the guidance scale (rising linearly with progress)
-            reveal = mask & ~mask_by_order(orders, num_masked)  # [B, n]
-            scale = 1 + (cfg_scale - 1) * (n - num_masked) / n
+            reveal = mask & ~mask_by_order(orders, num_masked[:, None])  # [B, n]
+            scale = 1 + (cfg_scale - 1) * (n - num_masked.view(B, 1, 1)) / n  # [B, 1, 1]: per image, given tokens count
             # 3. the head samples them, in agreement with the tokens revealed before
             tokens = head.sample(tokens, mask, reveal, z, z_null, scale, denoising_steps[step], sampler, temperature, generator)
             # 4. the revealed tokens are fixed for good; keep their z
@@ -768,10 +828,14 @@ class HiMAR(nn.Module):
         return tokens, z_revealed
 
     @torch.no_grad()
-    def sample(self, labels, sampling=None, seed=None, drop_pivots=False, trajectory=False, **changes):
+    def sample(self, labels, sampling=None, seed=None, drop_pivots=False, trajectory=False, known_images=None,
+               known_mask=None, **changes):
         """Generate images [B, C, H, W] in [-1, 1] for class labels [B] (the paper's two-phase generation).
         sampling: a Sampling (default: the config's), with `changes` to its fields by name, e.g. dense_steps=4.
         drop_pivots: phase 2 sees only placeholders (to show what the pivots do).
+        known_images [B, C, H, W] in [-1, 1], known_mask bool [B, H, W]: zero-shot editing (inpainting,
+        outpainting, a class swap). The pixels where known_mask is True are kept exactly, the rest generated
+        around them; the mask keeps or drops whole dense tokens (see known_tokens).
         trajectory=True also returns one frame per step: {"phase", "image" (tokens so far; for the DiT head
         the masked positions hold its latest sample), "mask" (True = not yet revealed)}."""
         cfg = self.cfg
@@ -783,23 +847,28 @@ class HiMAR(nn.Module):
         device = labels.device
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
         frames = [] if trajectory else None
+        # the tokens given (editing), True in *_keep; plain generation: none
+        known_pivots, pivot_keep, known_dense, dense_keep = known_tokens(cfg, known_images, known_mask, len(labels), device)
         was_training = self.training
         self.eval()
 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # bf16 on a GPU
             context = None
             if cfg.pivots != "none":
-                # Phase 1: the low-resolution pivots, MLP head; keep each pivot's z_s
-                pivots, z_pivot = self.unmask(PIVOT, labels, s.pivot_steps, s.pivot_cfg, s.pivot_diffusion_steps,
-                                              s.pivot_sampler, s.temperature, generator, frames=frames)
-                everywhere = torch.ones(pivots.shape[:2], dtype=torch.bool, device=device)
+                # Phase 1: the low-resolution pivots, MLP head; keep each generated pivot's z_s
+                pivots, z_pivot = self.unmask(PIVOT, labels, known_pivots, pivot_keep, s.pivot_steps, s.pivot_cfg,
+                                              s.pivot_diffusion_steps, s.pivot_sampler, s.temperature, generator,
+                                              frames=frames)
+                # conditional tokens where phase 1 predicted the pivot, the placeholder where it was given (as in training)
                 dropped = torch.full(labels.shape, drop_pivots, device=device)
-                context = self.pivot_context(pivots, z_pivot, everywhere, dropped)
+                context = self.pivot_context(pivots, z_pivot, ~pivot_keep, dropped)
             # Phase 2: the dense tokens around the pivots, DiT head
-            dense, _ = self.unmask(DENSE, labels, s.dense_steps, s.dense_cfg, s.dense_diffusion_steps,
-                                   s.dense_sampler, s.temperature, generator, pivot_context=context, frames=frames)
+            dense, _ = self.unmask(DENSE, labels, known_dense, dense_keep, s.dense_steps, s.dense_cfg,
+                                   s.dense_diffusion_steps, s.dense_sampler, s.temperature, generator,
+                                   pivot_context=context, frames=frames)
 
         self.train(was_training)
+        dense = torch.where(dense_keep[..., None], known_dense, dense)  # the given tokens exactly (the heads keep them)
         images = unpatchify(dense, cfg.patch_size, cfg.channels).clamp(-1, 1)
         return (images, frames) if trajectory else images
 

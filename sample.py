@@ -4,6 +4,8 @@
     python sample.py --ckpt runs/cifar10/checkpoint.pt --grid grid.png
     python sample.py --ckpt CKPT --num-images 10000 --npz samples.npz   # for evaluation (ADM layout)
     python sample.py --ckpt CKPT --trajectory unmasking.gif             # the two-phase unmasking, animated
+    python sample.py --edit cat.png --keep left --labels 3 5            # zero-shot editing: cat.png's left half
+                                                                        # kept, the rest generated as class 3 and as 5
 """
 
 import argparse
@@ -78,6 +80,53 @@ def trajectory_figure(frames, path, num_show):
     plt.close(fig)
 
 
+KEEP_REGIONS = ("left", "right", "top", "bottom", "center", "border")
+MAGENTA = torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1)  # the pixels an edit generates, in the kept-region picture
+
+
+def keep_mask(region, image_size, patch_size):
+    """Bool [H, W], True where --keep keeps the pixels: a half of the image (left, right, top, bottom), the central
+    half-size square (center), or all but that square (border). Whole dense tokens, as HiMAR.sample needs."""
+    side = image_size // patch_size  # tokens per row
+    half, middle = side // 2, slice(side // 4, side - side // 4)
+    everything = slice(None)
+    rows, cols = {"left": (everything, slice(None, half)), "right": (everything, slice(half, None)),
+                  "top": (slice(None, half), everything), "bottom": (slice(half, None), everything),
+                  "center": (middle, middle), "border": (middle, middle)}[region]
+    tokens = torch.zeros(side, side, dtype=torch.bool)
+    tokens[rows, cols] = True
+    if region == "border":
+        tokens = ~tokens
+    return tokens.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
+
+
+def read_image(path):
+    """The --edit picture as pixels in [-1, 1] (scaled as train.py scales its data), [1, 3, H, W]; a clear error
+    if it is missing or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        sys.exit(f"error: --edit {path}: no such file")
+    try:
+        with Image.open(path) as picture:
+            pixels = np.array(picture.convert("RGB"))  # uint8 [H, W, 3]
+    except (UnidentifiedImageError, OSError) as e:
+        sys.exit(f"error: --edit {path} could not be read as an image ({type(e).__name__}): give a PNG")
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].float().mul_(1 / 127.5).sub_(1.0)
+
+
+def edit_grid(model, image, keep, labels, seed, device, **settings):
+    """Zero-shot editing: `image` [1, C, H, W] completed around the pixels that keep [H, W] keeps, once as each of
+    `labels`, in one batch. Returns the grid's pictures [2 + len(labels), C, H, W] (the input, the kept region with
+    the generated pixels magenta, the edits) and the sampling frames."""
+    batch = len(labels)
+    edits, frames = model.sample(torch.tensor(labels, device=device), seed=seed, trajectory=True,
+                                 known_images=image.to(device).expand(batch, -1, -1, -1),
+                                 known_mask=keep.to(device).expand(batch, -1, -1), **settings)
+    kept = torch.where(keep, image, MAGENTA)
+    return torch.cat([image, kept, edits.cpu()]), frames
+
+
 def unmasked_picture(frame):
     """A trajectory frame as uint8 pictures [B, H, W, 3] at full size: masked tokens grey, pivots upsampled."""
     image, mask = frame["image"], frame["mask"]  # [B, 3, h, w], [B, h/p, w/p]
@@ -95,12 +144,19 @@ def unmasked_picture(frame):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample images from a Hi-MAR checkpoint.")
     p.add_argument("--ckpt", default=SHIPPED_CHECKPOINT, help="checkpoint file (default: the shipped CIFAR-10 model)")
-    p.add_argument("--grid", default="samples.png", help="PNG grid to write ('' for none)")
-    p.add_argument("--labels", type=int, nargs="+", help="classes of the grid rows (default: the first 10 classes)")
+    p.add_argument("--grid", help="PNG grid to write ('' for none; default samples.png, or edits.png with --edit)")
+    p.add_argument("--labels", type=int, nargs="+", help="classes of the grid rows, or of the edits with --edit (default: the first 10 classes)")
     p.add_argument("--per-class", type=int, help="grid images per class (default: 10 on a GPU, 2 on a CPU)")
     p.add_argument("--num-images", type=int, default=0, help="with --npz: how many samples, spread evenly over classes")
     p.add_argument("--npz", help="write --num-images samples here (arr_0 uint8 [N,H,W,3], arr_1 labels)")
     p.add_argument("--trajectory", default="trajectory.png", help="figure (.png) or animation (.gif) of the unmasking ('' for none)")
+    p.add_argument("--edit", metavar="IMAGE.png",
+                   help="zero-shot editing: keep the --keep region of this picture (the model's size, e.g. 32x32 RGB) "
+                        "and generate the rest once as each --labels class; the grid shows the input, the kept region "
+                        "(generated pixels magenta) and the edits in one row, the trajectory the first 4 edits")
+    p.add_argument("--keep", choices=KEEP_REGIONS,
+                   help="with --edit, the pixels kept: a half (left, right, top, bottom), the central half-size square "
+                        "(center: outpainting) or all but it (border: inpainting)")
     p.add_argument("--pivot-steps", type=int, help="phase-1 steps K1")
     p.add_argument("--dense-steps", type=int, help="phase-2 steps K2")
     p.add_argument("--pivot-cfg", type=float, help="classifier-free guidance scale of phase 1")
@@ -115,7 +171,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.grid is None:
+        args.grid = "edits.png" if args.edit else "samples.png"
+    return args
 
 
 def sampling_settings(args, cfg):
@@ -158,6 +217,13 @@ def check_args(args):
         sys.exit("error: --npz needs --num-images N (N > 0)")
     if args.num_images and not args.npz:
         sys.exit("error: --num-images needs --npz FILE.npz to write them to")
+    if args.edit and not args.keep:
+        sys.exit(f"error: --edit needs --keep REGION, one of {', '.join(KEEP_REGIONS)}")
+    if args.keep and not args.edit:
+        sys.exit("error: --keep needs --edit IMAGE.png, the picture to edit")
+    if args.edit and (args.npz or args.per_class):
+        sys.exit("error: --edit makes one edit per --labels class (repeat a class for more), in one grid: "
+                 "it does not go with --npz or --per-class")
     for name, extensions in OUTPUTS.items():
         path = getattr(args, name)
         if not path:
@@ -183,6 +249,15 @@ def written(path):
             os.remove(tmp)
 
 
+def write_trajectory(frames, which, path):
+    """The trajectory figure (or animation) of the samples `which` (their indices in the batch), written whole."""
+    frames = [{**f, "image": f["image"][which], "mask": f["mask"][which]} for f in frames]
+    verb = wrote(path)
+    with written(path) as tmp:
+        trajectory_figure(frames, tmp, len(which))
+    print(f"{verb} {path}: {len(frames)} steps")
+
+
 def wrote(path):
     """How to report writing `path`, said before writing it: "replaced" if it existed, else "wrote"."""
     return "replaced" if os.path.exists(path) else "wrote"
@@ -191,6 +266,7 @@ def wrote(path):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    image = read_image(args.edit) if args.edit else None  # [1, 3, H, W], read before the model loads
     device = pick_device(args.device)
     try:
         model = himar.model_from_checkpoint(args.ckpt, device)
@@ -204,7 +280,23 @@ def main(argv=None):
         sys.exit(f"error: --labels must be class indices in [0, {cfg.num_classes})")
     print(f"{args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {cfg.image_size}x{cfg.image_size}, on {device}")
 
-    if args.grid or args.trajectory:  # one sampling run gives the grid and, for its first rows, the trajectory
+    if args.edit and (args.grid or args.trajectory):
+        S = cfg.image_size
+        if image.shape[2:] != (S, S):
+            sys.exit(f"error: --edit {args.edit} is {image.shape[3]}x{image.shape[2]} pixels; this checkpoint's model "
+                     f"edits {S}x{S} images (resize or crop it first)")
+        start = time.time()
+        pictures, frames = edit_grid(model, image, keep_mask(args.keep, S, cfg.patch_size), labels, args.seed, device,
+                                     sampling=sampling)
+        if args.grid:
+            verb = wrote(args.grid)
+            with written(args.grid) as tmp:
+                himar.save_grid(pictures, len(pictures), tmp)
+            print(f"{verb} {args.grid}: {args.edit}, its kept {args.keep} region and an edit as each of classes "
+                  f"{' '.join(map(str, labels))}, in {time.time() - start:.1f} s")
+        if args.trajectory:
+            write_trajectory(frames, list(range(min(4, len(labels)))), args.trajectory)
+    elif args.grid or args.trajectory:  # one sampling run gives the grid and, for its first rows, the trajectory
         per_class = args.per_class or (10 if str(device).startswith("cuda") else 2)
         rows = labels if args.grid else labels[:4]
         start = time.time()
@@ -216,11 +308,7 @@ def main(argv=None):
             print(f"{verb} {args.grid}: {len(rows)} classes x {per_class}, in {time.time() - start:.1f} s")
         if args.trajectory:
             first_of_each = list(range(0, min(4, len(rows)) * per_class, per_class))  # one sample of each of 4 classes
-            frames = [{**f, "image": f["image"][first_of_each], "mask": f["mask"][first_of_each]} for f in frames]
-            verb = wrote(args.trajectory)
-            with written(args.trajectory) as tmp:
-                trajectory_figure(frames, tmp, len(first_of_each))
-            print(f"{verb} {args.trajectory}: {len(frames)} steps")
+            write_trajectory(frames, first_of_each, args.trajectory)
 
     if args.npz:
         from tqdm import tqdm

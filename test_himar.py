@@ -349,6 +349,9 @@ def test_guidance_scales_are_set_per_phase():
         original = head.denoise
         head.denoise = lambda *args, _name=name, _original=original, **kw: (scales[_name].append(args[2]), _original(*args, **kw))[1]
     model.sample([1, 2], pivot_cfg=4.0, dense_cfg=2.0, pivot_steps=4, dense_steps=2, seed=0)
+    for name, given in scales.items():  # one scale per image (or token); here every image has the same at each step
+        assert all(len(s.unique()) == 1 for s in given)
+        scales[name] = [s.flatten()[0].item() for s in given]
     assert scales["pivot"][-1] == pytest.approx(4.0) and scales["dense"][-1] == pytest.approx(2.0)
     assert scales["pivot"] == sorted(scales["pivot"]) and scales["pivot"][0] < 4.0  # rising linearly
     defaults = himar.Sampling()
@@ -537,6 +540,105 @@ def test_sample_is_reproducible_in_range_and_has_a_trajectory(variant):
 def test_dropping_pivots_changes_the_dense_phase():
     model = randomize(tiny(), std=0.05)
     assert not torch.equal(model.sample([1, 2], seed=0), model.sample([1, 2], seed=0, drop_pivots=True))
+
+
+# --- zero-shot editing ------------------------------------------------------------------------------
+
+
+def edit_masks():
+    """Pixel masks [3, 32, 32] aligned to the tiny preset's 4x4 tokens, keeping different amounts per image: the left
+    half (8 of 16 pivots), the top quarter (4 pivots), a band no pivot lies wholly inside (0 pivots)."""
+    keep = torch.zeros(3, 32, 32, dtype=torch.bool)
+    keep[0, :, :16] = True
+    keep[1, :8] = True
+    keep[2, 4:12, 4:28] = True
+    return keep
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(pivots="none", dense_head="mlp")], ids=["himar", "mar"])
+def test_editing_keeps_the_known_pixels_exactly_and_generates_the_rest(variant):
+    model = randomize(tiny(**variant), std=0.05)
+    x, keep = images(3), edit_masks()
+    kept = keep[:, None].expand_as(x)  # [3, 3, 32, 32]
+    a, frames = model.sample([1, 2, 3], seed=0, known_images=x, known_mask=keep, trajectory=True)
+    b = model.sample([1, 2, 3], seed=1, known_images=x, known_mask=keep)
+    assert torch.equal(a[kept], x[kept]) and torch.equal(b[kept], x[kept])
+    assert not torch.allclose(a[~kept], b[~kept])  # the rest is generated, differently for another seed
+    assert a.min() >= -1 and a.max() <= 1
+    # the model never looks at the pixels it is not given
+    noise = torch.where(kept, x, torch.randn_like(x))
+    assert torch.equal(a, model.sample([1, 2, 3], seed=0, known_images=noise, known_mask=keep))
+    # the schedule covers each image's unknown tokens (a different number in each), each revealed exactly once
+    dense = [f["mask"].flatten(1) for f in frames if f["phase"] == "dense"]
+    unknown = ~himar.whole_patches(keep, model.cfg.patch_size)  # [3, Nd]
+    assert len(dense) == model.cfg.sampling.dense_steps and torch.equal(dense[0] & ~unknown, torch.zeros_like(unknown))
+    assert not dense[-1].any()
+
+
+def test_editing_with_every_pixel_known_returns_the_input_without_running_the_model():
+    model = randomize(tiny(), std=0.05)
+    calls = record_transformer_calls(model)
+    x = images(2)
+    out, frames = model.sample([0, 1], seed=0, known_images=x, known_mask=torch.ones(2, 32, 32, dtype=torch.bool),
+                               trajectory=True)
+    assert torch.equal(out, x) and frames == [] and calls == []
+
+
+def test_editing_masks_and_images_of_the_wrong_shape_are_refused_clearly():
+    model = tiny()
+    x, keep = images(2), torch.zeros(2, 32, 32, dtype=torch.bool)
+    keep[:, :, :14] = True  # 14 is not a multiple of the 4-pixel tokens
+    with pytest.raises(ValueError, match="aligned to whole dense tokens: every 4x4 pixel patch"):
+        model.sample([0, 1], known_images=x, known_mask=keep)
+    keep[:, :, :16] = True
+    with pytest.raises(ValueError, match=r"known_images must be \[B, C, H, W\] = \[2, 3, 32, 32\].*got \[2, 3, 16, 16\]"):
+        model.sample([0, 1], known_images=images(2, 16), known_mask=keep)
+    with pytest.raises(ValueError, match=r"known_images must be \[B, C, H, W\]"):  # one image per label
+        model.sample([0, 1, 2], known_images=x, known_mask=keep)
+    with pytest.raises(ValueError, match="known_mask must be a bool tensor"):
+        model.sample([0, 1], known_images=x, known_mask=keep.float())
+    with pytest.raises(ValueError, match="go together"):
+        model.sample([0, 1], known_images=x)
+    with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
+        model.sample([0, 1], known_images=(x + 1) * 127.5, known_mask=keep)
+
+
+def test_phase_one_starts_from_the_known_pivots_and_phase_two_sees_placeholders_there():
+    model = randomize(tiny(), std=0.05)
+    cfg = model.cfg
+    calls = record_transformer_calls(model)
+    revealed = []
+    sample_pivots = model.pivot_head.sample
+    model.pivot_head.sample = lambda tokens, mask, reveal, *rest: (revealed.append(reveal), sample_pivots(tokens, mask, reveal, *rest))[1]
+    x, keep = images(3), edit_masks()
+    model.sample([1, 2, 3], seed=0, known_images=x, known_mask=keep, pivot_cfg=1.0, dense_cfg=1.0)
+    pivots, dense = himar.tokenize(x, cfg.patch_size)
+    pivot_keep = himar.whole_patches(keep, 2 * cfg.patch_size)  # [3, Np]: all 4 dense tokens under the pivot kept
+    assert pivot_keep.sum(1).tolist() == [8, 4, 0]
+    phase1 = [c for c in calls if c["phase"] == PIVOT]
+    assert torch.equal(phase1[0]["mask"], ~pivot_keep)  # the known pivots are revealed from the first step ...
+    assert torch.equal(phase1[0]["tokens"][pivot_keep], pivots[pivot_keep])  # ... as the downsampled image's tokens
+    assert not any((r & pivot_keep).any() for r in revealed)  # and never sampled again
+    assert torch.equal(sum(r.int() for r in revealed), (~pivot_keep).int())  # the others exactly once
+    # each image follows the cosine schedule over its own unknown pivots (8, 12 and 16 here)
+    unknown = (~pivot_keep).sum(1)
+    schedule = himar.reveal_counts(unknown, cfg.sampling.pivot_steps)  # [K, 3]
+    assert [c["mask"].sum(1).tolist() for c in phase1] == [unknown.tolist()] + schedule[:-1].tolist()
+    # phase 2: the placeholder at the given pivots, conditional tokens from z_s at the predicted ones (as in training)
+    phase2 = next(c for c in calls if c["phase"] == DENSE)
+    placeholder = model.pivot_placeholder.detach().expand(3, -1, -1)
+    assert torch.equal(phase2["context"][pivot_keep], placeholder[pivot_keep])
+    assert not torch.isclose(phase2["context"][~pivot_keep], placeholder[~pivot_keep]).all(-1).any()
+    dense_keep = himar.whole_patches(keep, cfg.patch_size)
+    assert torch.equal(phase2["mask"], ~dense_keep) and torch.equal(phase2["tokens"][dense_keep], dense[dense_keep])
+
+
+def test_reveal_counts_follow_each_images_schedule_and_stop_when_none_is_left():
+    counts = himar.reveal_counts(torch.tensor([16, 3, 0]), 4)  # [K, B]
+    assert counts[:, 0].tolist() == himar.reveal_schedule(16, 4)
+    assert counts[:, 1].tolist() == [2, 1, 0, 0] and counts[:, 2].tolist() == [0, 0, 0, 0]
+    assert himar.reveal_counts(torch.tensor([2, 1]), 4).tolist() == [[1, 0], [0, 0]]  # no step without a token
+    assert himar.reveal_counts(torch.tensor([0, 0]), 4).shape == (0, 2)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------

@@ -687,7 +687,9 @@ def test_train_flags_are_checked_before_anything_starts(flags, message, capsys):
     (["--per-class", "0"], "--per-class must be a positive"), (["--batch-size", "0"], "--batch-size must be a positive"),
     (["--grid", "grid.bmp"], "must end in .png or .jpg or .jpeg"), (["--trajectory", "t.mp4"], "must end in .png or .gif"),
     (["--num-images", "10"], "--num-images needs --npz"), (["--npz", "samples", "--num-images", "4"], "must end in .npz"),
-    (["--device", "foo"], "not a device"),
+    (["--device", "foo"], "not a device"), (["--edit", "missing.png", "--keep", "left"], "--edit missing.png: no such file"),
+    (["--edit", "in.png"], "--edit needs --keep REGION, one of left, right"), (["--keep", "left"], "--keep needs --edit"),
+    (["--edit", "in.png", "--keep", "top", "--per-class", "2"], "does not go with --npz or --per-class"),
 ])
 def test_sample_flags_are_checked_before_the_model_loads(flags, message, monkeypatch):
     monkeypatch.setattr(himar, "model_from_checkpoint", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
@@ -717,6 +719,64 @@ def test_sample_writes_each_file_whole_or_not_at_all(image_folder, tmp_path, mon
     umask = os.umask(0)
     os.umask(umask)
     assert npz.stat().st_mode & 0o777 == 0o666 & ~umask  # the user's usual mode, not a temporary file's 0600
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """An untrained tiny model's checkpoint: enough to run sample.py end to end."""
+    torch.manual_seed(0)
+    model = himar.HiMAR(himar.preset("tiny"))
+    path = tmp_path / "tiny.pt"
+    himar.save_checkpoint(path, {"config": himar.asdict(model.cfg), "model": model.state_dict()})
+    return str(path)
+
+
+def write_picture(path, size=32):
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def test_sample_edit_writes_the_input_the_kept_region_and_one_edit_per_label(tiny_checkpoint, tmp_path, capsys):
+    pixels = write_picture(tmp_path / "in.png")
+    grid, trajectory = tmp_path / "edits.png", tmp_path / "t.png"
+    sample.main(["--ckpt", tiny_checkpoint, "--edit", str(tmp_path / "in.png"), "--keep", "left", "--labels", "0", "3", "3",
+                 "--grid", str(grid), "--trajectory", str(trajectory), "--device", "cpu"])
+    shown = np.asarray(Image.open(grid))[..., :3]
+    assert shown.shape == (34 + 2, 5 * 34 + 2, 3)  # one row: the input, the kept region, 3 edits (32 px + gaps)
+    tiles = [shown[2:34, 2 + 34 * i:34 + 34 * i] for i in range(5)]
+    assert (tiles[0] == pixels).all()
+    assert (tiles[1][:, :16] == pixels[:, :16]).all() and (tiles[1][:, 16:] == [255, 0, 255]).all()  # the rest magenta
+    assert all((edit[:, :16] == pixels[:, :16]).all() for edit in tiles[2:])  # each edit keeps the left half exactly
+    assert not (tiles[3][:, 16:] == tiles[4][:, 16:]).all()  # a class asked for twice: two completions
+    assert "an edit as each of classes 0 3 3" in capsys.readouterr().out and trajectory.exists()
+    assert sample.parse_args(["--edit", "in.png", "--keep", "left"]).grid == "edits.png"  # not the class grid's name
+    assert sample.parse_args([]).grid == "samples.png"
+
+
+def test_sample_edit_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(SystemExit, match="notes.png could not be read as an image"):
+        sample.main(["--ckpt", tiny_checkpoint, "--edit", str(tmp_path / "notes.png"), "--keep", "left", "--device", "cpu"])
+    write_picture(tmp_path / "big.png", size=64)
+    with pytest.raises(SystemExit, match="big.png is 64x64 pixels; this checkpoint's model edits 32x32 images"):
+        sample.main(["--ckpt", tiny_checkpoint, "--edit", str(tmp_path / "big.png"), "--keep", "left", "--device", "cpu",
+                     "--grid", str(tmp_path / "edits.png")])
+    assert not (tmp_path / "edits.png").exists()
+    with pytest.raises(SystemExit):
+        sample.main(["--edit", str(tmp_path / "big.png"), "--keep", "middle"])
+    assert "argument --keep: invalid choice: 'middle'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("region,share,kept,generated", [
+    ("left", 0.5, (0, 0), (0, 31)), ("right", 0.5, (0, 31), (0, 0)), ("top", 0.5, (0, 31), (31, 0)),
+    ("bottom", 0.5, (31, 0), (0, 0)), ("center", 0.25, (16, 16), (0, 0)), ("border", 0.75, (0, 0), (16, 16)),
+])
+def test_edit_regions_keep_whole_tokens(region, share, kept, generated):
+    for patch in (2, 4):
+        keep = sample.keep_mask(region, 32, patch)  # [H, W], True = kept
+        assert keep.shape == (32, 32) and keep.float().mean() == share and keep[kept] and not keep[generated]
+        assert (himar.whole_patches(keep[None], patch) == ~himar.whole_patches(~keep[None], patch)).all()
 
 
 def test_hidden_files_in_an_image_folder_are_skipped(image_folder):

@@ -1,0 +1,89 @@
+"""Zero-shot editing measured: keep the right half of real CIFAR-10 test images, generate the left half as the true
+class, and count how often a CIFAR-10 classifier still sees that class in the edit, against the unedited images.
+
+    python scripts/cifar10_editing.py --scorer PATH/score_cifar10.py --data-dir ./data --num-images 1000 \
+        --grid figures/cifar10_editing.png
+
+The classifier is the scorer's (a development yardstick: the product does not need it). Prints one JSON line:
+the number of images, the seconds spent editing, and the scorer's accuracy on the edits and on the originals.
+--grid also writes a picture of the first edits: one row per image, the original, the kept half (generated pixels
+magenta), the edit.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import himar  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+
+
+def test_images(data_dir, n):
+    """The first n CIFAR-10 test images, uint8 [n, 32, 32, 3], and their labels [n]."""
+    path = os.path.join(data_dir, "cifar-10-batches-py", "test_batch")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found: give --data-dir the folder that train.py reads CIFAR-10 from")
+    with open(path, "rb") as f:
+        batch = train.CifarUnpickler(f, encoding="bytes").load()
+    images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images[:n], np.asarray(batch[b"labels"])[:n]
+
+
+def accuracy(scorer, images, labels, device):
+    """The scorer's class accuracy on uint8 images [N, H, W, 3] with their labels."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "images.npz")
+        np.savez(path, arr_0=images, arr_1=labels)
+        out = subprocess.run([sys.executable, scorer, path, "--device", device.type], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["acc"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", default=sample.SHIPPED_CHECKPOINT)
+    p.add_argument("--scorer", required=True, help="path of score_cifar10.py")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--num-images", type=int, default=1000)
+    p.add_argument("--keep", default="right", choices=sample.KEEP_REGIONS)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--grid", help="PNG of the first 8 edits")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    model = himar.model_from_checkpoint(args.ckpt, device)
+    cfg = model.cfg
+    originals, labels = test_images(args.data_dir, args.num_images)
+    keep = sample.keep_mask(args.keep, cfg.image_size, cfg.patch_size)  # [H, W]
+    pixels = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W]
+
+    start, edits = time.time(), []
+    for i in range(0, len(pixels), args.batch_size):
+        x = pixels[i:i + args.batch_size].to(device)
+        edited = model.sample(torch.from_numpy(labels[i:i + args.batch_size]).to(device), seed=i,
+                              known_images=x, known_mask=keep.to(device).expand(len(x), -1, -1))
+        edits.append(himar.to_uint8(edited))
+        print(f"edited {i + len(x)} / {len(pixels)} in {time.time() - start:.0f} s", file=sys.stderr)
+    seconds = time.time() - start
+    edits = np.concatenate(edits)
+
+    if args.grid:
+        n = min(8, len(edits))
+        kept = torch.where(keep, pixels[:n], sample.MAGENTA)
+        edited = torch.from_numpy(edits[:n]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        himar.save_grid(torch.stack([pixels[:n], kept, edited], dim=1).flatten(0, 1), 3, args.grid)
+    print(json.dumps({"n": len(edits), "keep": args.keep, "seconds": round(seconds, 1), "device": str(device),
+                      "acc_edits": accuracy(args.scorer, edits, labels, device),
+                      "acc_originals": accuracy(args.scorer, originals, labels, device)}))
+
+
+if __name__ == "__main__":
+    main()
