@@ -51,7 +51,6 @@ def test_cifar10_reads_official_pickles(tmp_path):
     d = load_dataset("cifar10", str(tmp_path), 32)
     assert d.images.shape == (15, 32, 32, 3) and d.images.dtype == torch.uint8
     assert d.labels.dtype == torch.int64 and d.labels.tolist() == [k % 10 for k in range(15)]
-    assert d.class_names == CLASSES
     for k, y, x in [(0, 0, 0), (0, 1, 2), (0, 2, 1), (4, 31, 0), (14, 5, 30)]:  # batches in order 1..5
         assert d.images[k, y, x].tolist() == expected_cifar_pixel(k, y, x), (k, y, x)
 
@@ -70,7 +69,7 @@ def test_cifar10_offline_names_folder_files_and_url(tmp_path, monkeypatch):
         load_dataset("cifar10", str(tmp_path / "data"), 32)
     msg = str(e.value)
     assert str(tmp_path / "data" / "cifar-10-batches-py") in msg
-    assert "data_batch_1" in msg and "batches.meta" in msg and train.CIFAR_URL in msg
+    assert "data_batch_1" in msg and "data_batch_5" in msg and train.CIFAR_URL in msg
     assert not list((tmp_path / "data").iterdir())  # no half-written archive left behind
 
 
@@ -134,7 +133,6 @@ def test_imagenet64_reads_npz_in_numeric_order(tmp_path):
     d = load_dataset("imagenet64", str(tmp_path), 64)
     assert d.images.shape == (12, 64, 64, 3) and d.images.dtype == torch.uint8
     assert d.labels.dtype == torch.int64 and d.labels.tolist() == [0, 1, 2, 3, 4] + [999] * 7
-    assert len(d.class_names) == 1000 and d.class_names[:2] == ["class_0", "class_1"]
     for k, offset, i in [(0, 0, 0), (4, 0, 4), (5, 100, 0), (11, 100, 6)]:
         for y, x in [(0, 0), (1, 2), (2, 1), (63, 10)]:
             want = [(offset + i + 3 * y + 5 * x + 60 * c) % 256 for c in range(3)]
@@ -146,15 +144,6 @@ def test_imagenet64_chunked_read_matches(tmp_path):
     whole = load_dataset("imagenet64", str(tmp_path), 64).images
     chunked = train._load_imagenet64(str(tmp_path), 64, chunk=2).images  # chunks of 2, 2, 1 and 2, 2, 2, 1
     assert torch.equal(whole, chunked)
-
-
-def test_imagenet64_class_names_from_map(tmp_path):
-    write_imagenet(tmp_path)
-    lines = [f"n{i:08d} {i + 1} name_{i}" for i in range(1000)]
-    lines[0], lines[1] = lines[1], lines[0]  # order comes from the index column
-    (tmp_path / "map_clsloc.txt").write_text("\n".join(lines) + "\n")
-    d = load_dataset("imagenet64", str(tmp_path), 64)
-    assert d.class_names[:3] == ["name_0", "name_1", "name_2"] and d.class_names[-1] == "name_999"
 
 
 def test_imagenet64_missing_files(tmp_path):
@@ -191,7 +180,7 @@ def test_folder_resizes_crops_and_labels(tmp_path):
     (tmp_path / "a_cats" / "notes.txt").write_text("not an image")
     d = load_dataset("folder", str(tmp_path), 8)
     assert d.images.shape == (3, 8, 8, 3) and d.images.dtype == torch.uint8
-    assert d.class_names == ["a_cats", "b_dogs"] and d.labels.tolist() == [0, 1, 1]
+    assert d.labels.tolist() == [0, 1, 1]  # classes in the order of their folders' names: a_cats, b_dogs
     assert d.images[0].reshape(-1, 3).tolist() == [[0, 255, 0]] * 64  # small.png, RGBA -> RGB
     assert (d.images[1].int() - 200).abs().max() <= 2  # tall_gray.JPG (sorts first), gray -> RGB
     assert torch.equal(d.images[2, 2:6, 2:6], torch.tensor([255, 0, 0], dtype=torch.uint8).expand(4, 4, 3))
@@ -546,7 +535,7 @@ class RunsAShellCommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("name", ["data_batch_2", "batches.meta"])
+@pytest.mark.parametrize("name", ["data_batch_2", "data_batch_5"])
 def test_a_tampered_cifar_file_is_refused_and_never_run(tmp_path, name):
     folder = write_cifar(tmp_path)
     marker = tmp_path / "the_command_ran"
@@ -784,8 +773,3 @@ def test_hidden_files_in_an_image_folder_are_skipped(image_folder):
     assert len(load_dataset("folder", image_folder, 32).labels) == 64
 
 
-def test_a_short_class_map_is_blamed_not_the_data(tmp_path):
-    write_imagenet(tmp_path)
-    (tmp_path / "map_clsloc.txt").write_text("n01440764 1 tench\nn01443537 2 goldfish\n")
-    with pytest.raises(DataError, match="map_clsloc.txt names 2 classes, not ImageNet's 1000"):
-        load_dataset("imagenet64", str(tmp_path), 64)

@@ -43,15 +43,14 @@ try:
 except ImportError:
     fcntl = None
 
-# ----- Data -----
+# ----- Data: a loader per data set, each returning the whole training set in memory -----
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["batches.meta"]
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 IMAGENET_HINT = ("Get 'Imagenet64_train_npz' from the downsampled-image page of image-net.org "
                  "(https://image-net.org/download-images.php, needs an account) and unpack it so that "
-                 "{d} holds train_data_batch_1.npz ... train_data_batch_10.npz "
-                 "(and optionally map_clsloc.txt for class names).")
+                 "{d} holds train_data_batch_1.npz ... train_data_batch_10.npz.")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
@@ -63,7 +62,6 @@ class DataError(Exception):
 class ImageData:
     images: torch.Tensor  # uint8 [N, H, W, 3], channel-last
     labels: torch.Tensor  # int64 [N]
-    class_names: list[str]
 
 
 @contextlib.contextmanager
@@ -74,12 +72,11 @@ def _reading(path, hint):
     except (DataError, MemoryError):
         raise
     except Exception as e:
-        raise DataError(f"Could not read {path}: it looks corrupt or truncated "
-                        f"({type(e).__name__}: {e}). {hint}") from e
+        raise DataError(f"Could not read {path}: it looks corrupt or truncated ({type(e).__name__}: {e}). {hint}") from e
 
 
 def load_dataset(name: str, data_dir: str, image_size: int) -> ImageData:
-    """Load a whole training set into memory as uint8 [N, H, W, 3] images.
+    """The whole training set as uint8 images [N, H, W, 3] and int64 labels [N].
 
     'cifar10':    data_dir contains cifar-10-batches-py/ (downloaded there if missing); image_size 32.
     'imagenet64': data_dir holds the train_data_batch_*.npz files of ImageNet 64x64; image_size 64.
@@ -97,11 +94,10 @@ def _download(url, path):
     part = path + ".part"
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
-            size = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+            with tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                      desc=os.path.basename(path)) as bar:
                 while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+                    bar.update(f.write(chunk))
         os.replace(part, path)
     finally:
         if os.path.exists(part):
@@ -157,36 +153,24 @@ def _load_cifar10(data_dir, image_size):
                         f"{os.path.dirname(os.path.abspath(data_dir))} instead of {data_dir}.")
     if not os.path.isdir(folder):
         _fetch_cifar10(data_dir, folder)
-    missing = [f for f in CIFAR_FILES if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        raise DataError(f"{folder} lacks {', '.join(missing)}. Delete the folder and run again to "
-                        f"download it, or unpack {CIFAR_URL} into {data_dir} by hand.")
     hint = f"Replace it: delete {folder} and run again to download it, or unpack {CIFAR_URL} there."
-
-    def unpickle(path):
-        with open(path, "rb") as f:
-            return CifarUnpickler(f, path, hint).load()
-
-    path = os.path.join(folder, "batches.meta")
-    with _reading(path, hint):
-        class_names = [n.decode() for n in unpickle(path)[b"label_names"]]
     images, labels = [], []
-    for name in CIFAR_FILES[:-1]:
+    for name in CIFAR_FILES:
         path = os.path.join(folder, name)
-        with _reading(path, hint):
-            batch = unpickle(path)
+        if not os.path.isfile(path):
+            raise DataError(f"{folder} lacks {name}. Delete the folder and run again to download it, "
+                            f"or unpack {CIFAR_URL} into {data_dir} by hand.")
+        with _reading(path, hint), open(path, "rb") as f:
+            batch = CifarUnpickler(f, path, hint).load()
             data, y = batch[b"data"], np.asarray(batch[b"labels"], dtype=np.int64)
-            if data.dtype != np.uint8 or data.shape != (len(y), 3072):
-                raise ValueError(f"expected uint8 data of shape ({len(y)}, 3072), got {data.dtype} {data.shape}")
-            if len(y) and not 0 <= y.min() <= y.max() < len(class_names):
-                raise ValueError(f"labels outside 0..{len(class_names) - 1}")
+            if data.dtype != np.uint8 or data.shape != (len(y), 3072) or (len(y) and not 0 <= y.min() <= y.max() < 10):
+                raise ValueError(f"expected uint8 data [N, 3072] and N labels in 0..9, got {data.dtype} {data.shape}")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R,G,B planes -> HWC
         labels.append(y)
-    return ImageData(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)),
-                     class_names)
+    return ImageData(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
 
-# ImageNet 64x64 (Chrabaszcz et al. 2017): data_dir holds train_data_batch_<k>.npz.
+# ImageNet 64x64 (Chrabaszcz et al. 2017): data_dir holds train_data_batch_<k>.npz, pixels in R,G,B planes.
 def _npy_header(f):
     """(shape, fortran_order, dtype) of the .npy stream `f`, leaving `f` at the start of the data."""
     version = np.lib.format.read_magic(f)
@@ -206,48 +190,35 @@ def _load_imagenet64(data_dir, image_size, chunk=4096):
     paths = [os.path.join(data_dir, found[k]) for k in sorted(found)]  # by number: 2 before 10
     if not paths:
         raise DataError(f"No train_data_batch_*.npz files in {data_dir}. {hint}")
-
-    class_names = [f"class_{i}" for i in range(1000)]
-    map_path = os.path.join(data_dir, "map_clsloc.txt")
-    if os.path.exists(map_path):
-        with _reading(map_path, "Fix or delete it (it is optional; lines look like 'n02119789 1 kit_fox')."):
-            with open(map_path) as f:
-                rows = [line.split() for line in f if line.strip()]
-            class_names = [name for _, _, name in sorted(rows, key=lambda r: int(r[1]))]
-        if len(class_names) != 1000:
-            raise DataError(f"{map_path} names {len(class_names)} classes, not ImageNet's 1000: fix or delete it "
-                            "(it is optional; lines look like 'n02119789 1 kit_fox').")
-
-    # Pass 1: shapes and labels only, so the pixels can go straight into one preallocated array.
+    # Pass 1: shapes and labels only, so the pixels can go straight into one preallocated array (no second copy).
     sizes, labels = [], []
     for path in paths:
         with _reading(path, hint), zipfile.ZipFile(path) as zf:
             with zf.open("data.npy") as f:
                 shape, fortran, dtype = _npy_header(f)
-            if dtype != np.uint8 or len(shape) != 2 or shape[1] != 3 * 64 * 64 or fortran:
-                raise ValueError(f"'data' is {dtype} {shape}, expected C-ordered uint8 (N, 12288)")
             with zf.open("labels.npy") as f:
                 y = np.lib.format.read_array(f).astype(np.int64)
-            if y.shape != shape[:1] or (len(y) and not 1 <= y.min() <= y.max() <= len(class_names)):
-                raise ValueError(f"'labels' must be {shape[0]} ints in 1..{len(class_names)}")
+            if dtype != np.uint8 or len(shape) != 2 or shape[1] != 3 * 64 * 64 or fortran:
+                raise ValueError(f"'data' is {dtype} {shape}, expected C-ordered uint8 (N, 12288)")
+            if y.shape != shape[:1] or (len(y) and not 1 <= y.min() <= y.max() <= 1000):
+                raise ValueError(f"'labels' must be {shape[0]} ints in 1..1000")
         sizes.append(shape[0])
         labels.append(y - 1)  # the files count classes from 1
-
-    # Pass 2: stream each file's pixels in chunks, converting R,G,B planes -> HWC on the way.
+    # Pass 2: each file's pixels in chunks, R,G,B planes -> HWC on the way.
     images = np.empty((sum(sizes), 64, 64, 3), dtype=np.uint8)
-    row_bytes, pos = 3 * 64 * 64, 0
+    pos = 0
     with tqdm(total=len(images), unit="img", desc="imagenet64") as bar:
         for path, n in zip(paths, sizes):
             with _reading(path, hint), zipfile.ZipFile(path) as zf, zf.open("data.npy") as f:
                 _npy_header(f)
                 for k in [min(chunk, n - s) for s in range(0, n, chunk)]:
-                    buf = f.read(k * row_bytes)
-                    if len(buf) != k * row_bytes:
+                    buf = f.read(k * 3 * 64 * 64)
+                    if len(buf) != k * 3 * 64 * 64:
                         raise ValueError("'data' ends early")
                     images[pos:pos + k] = np.frombuffer(buf, np.uint8).reshape(k, 3, 64, 64).transpose(0, 2, 3, 1)
                     pos += k
                     bar.update(k)
-    return ImageData(torch.from_numpy(images), torch.from_numpy(np.concatenate(labels)), class_names)
+    return ImageData(torch.from_numpy(images), torch.from_numpy(np.concatenate(labels)))
 
 
 # Image folder: data_dir/<class_name>/*.png|jpg|jpeg, classes sorted by name.
@@ -255,8 +226,7 @@ def _load_folder(data_dir, image_size):
     layout = "Expected data_dir/<class_name>/<image>.png|.jpg|.jpeg, one sub-folder per class."
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir} is not a folder. {layout}")
-    classes = sorted(d for d in os.listdir(data_dir)
-                     if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith("."))
+    classes = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith("."))
     if not classes:
         raise DataError(f"{data_dir} has no class sub-folders. {layout}")
     files = []
@@ -266,20 +236,16 @@ def _load_folder(data_dir, image_size):
         if not names:
             raise DataError(f"Class folder {os.path.join(data_dir, c)} holds no images. {layout}")
         files += [(os.path.join(data_dir, c, f), label) for f in names]
-
     images = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(tqdm(files, unit="img", desc="images")):
         with _reading(path, "Delete or replace that file."), Image.open(path) as img:
             img = img.convert("RGB")
-            w, h = img.size
-            scale = image_size / min(w, h)  # short side -> image_size, then center crop
-            w, h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-            if (w, h) != img.size:
-                img = img.resize((w, h), Image.Resampling.BICUBIC)  # PIL antialiases when shrinking
+            scale = image_size / min(img.size)  # short side -> image_size (PIL antialiases when shrinking), center crop
+            w, h = (max(image_size, round(side * scale)) for side in img.size)
+            img = img.resize((w, h), Image.Resampling.BICUBIC) if (w, h) != img.size else img
             left, top = (w - image_size) // 2, (h - image_size) // 2
             images[i] = np.asarray(img.crop((left, top, left + image_size, top + image_size)))
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return ImageData(torch.from_numpy(images), labels, classes)
+    return ImageData(torch.from_numpy(images), torch.tensor([label for _, label in files], dtype=torch.int64))
 
 
 # Batches: a pure function of (seed, step, rank, world_size), so a resumed run needs no loader state.
@@ -696,7 +662,7 @@ def train(args, model_class=himar.HiMAR):
         def gathered(tensor):  # every rank's copy of a tensor, for the checkpoint
             if world_size == 1:
                 return [tensor]
-            out = [torch.zeros_like(tensor) for _ in range(world_size)]
+            out = [torch.zeros_like(tensor, device=device) for _ in range(world_size)]  # NCCL: all on the GPU
             torch.distributed.all_gather(out, tensor.to(device))
             return [t.cpu() for t in out]
 
