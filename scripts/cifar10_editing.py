@@ -33,7 +33,7 @@ def test_images(data_dir, n):
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found: give --data-dir the folder that train.py reads CIFAR-10 from")
     with open(path, "rb") as f:
-        batch = train.CifarUnpickler(f, encoding="bytes").load()
+        batch = train.CifarUnpickler(f, path, "Give --data-dir a folder with the official CIFAR-10 files.").load()
     images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images[:n], np.asarray(batch[b"labels"])[:n]
 
