@@ -210,7 +210,7 @@ def make_data(n=40, size=8):
     images = torch.zeros(n, size, size, 3, dtype=torch.uint8)
     images[..., 0] = torch.arange(n, dtype=torch.uint8)[:, None, None]
     images[..., 1] = (torch.arange(size, dtype=torch.uint8) * 30)[None, None, :]
-    return ImageData(images, torch.arange(n) % 7 + 100, [])
+    return ImageData(images, torch.arange(n) % 7 + 100)
 
 
 def decode(x):

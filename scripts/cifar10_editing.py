@@ -6,16 +6,14 @@ class, and count how often a CIFAR-10 classifier still sees that class in the ed
 
 The classifier is the scorer's (a development yardstick: the product does not need it). Prints one JSON line:
 the number of images, the seconds spent editing, and the scorer's accuracy on the edits and on the originals.
---grid also writes a picture of the first edits: one row per image, the original, the kept half (generated pixels
-magenta), the edit.
+--grid also writes a picture of the first 8 edits: a row of originals, a row of the kept halves (the generated
+pixels magenta), a row of edits.
 """
 
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -24,27 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import himar  # noqa: E402
 import sample  # noqa: E402
-import train  # noqa: E402
-
-
-def test_images(data_dir, n):
-    """The first n CIFAR-10 test images, uint8 [n, 32, 32, 3], and their labels [n]."""
-    path = os.path.join(data_dir, "cifar-10-batches-py", "test_batch")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: {path} not found: give --data-dir the folder that train.py reads CIFAR-10 from")
-    with open(path, "rb") as f:
-        batch = train.CifarUnpickler(f, path, "Give --data-dir a folder with the official CIFAR-10 files.").load()
-    images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images[:n], np.asarray(batch[b"labels"])[:n]
-
-
-def accuracy(scorer, images, labels, device):
-    """The scorer's class accuracy on uint8 images [N, H, W, 3] with their labels."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "images.npz")
-        np.savez(path, arr_0=images, arr_1=labels)
-        out = subprocess.run([sys.executable, scorer, path, "--device", device.type], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["acc"]
+from sampling_sweep import score, test_images  # noqa: E402
 
 
 def main():
@@ -79,10 +57,10 @@ def main():
         n = min(8, len(edits))
         kept = torch.where(keep, pixels[:n], sample.MAGENTA)
         edited = torch.from_numpy(edits[:n]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        himar.save_grid(torch.stack([pixels[:n], kept, edited], dim=1).flatten(0, 1), 3, args.grid)
+        himar.save_grid(torch.cat([pixels[:n], kept, edited]), n, args.grid)  # rows: originals, kept, edits
     print(json.dumps({"n": len(edits), "keep": args.keep, "seconds": round(seconds, 1), "device": str(device),
-                      "acc_edits": accuracy(args.scorer, edits, labels, device),
-                      "acc_originals": accuracy(args.scorer, originals, labels, device)}))
+                      "acc_edits": score(args.scorer, edits, labels, device.type)["acc"],
+                      "acc_originals": score(args.scorer, originals, labels, device.type)["acc"]}))
 
 
 if __name__ == "__main__":

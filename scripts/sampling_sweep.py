@@ -7,6 +7,11 @@ Each setting is a JSON dict of HiMAR.sample arguments (missing ones keep the che
 '{"drop_pivots": true}'; with '{"pivots_only": true}' the images scored are phase 1's pivot images (16x16 on
 CIFAR-10), enlarged 2x (bilinear): where phase 1 stands on its own.
 One JSON line per setting: the setting, seconds, images/s, and the scorer's output (fd, acc, ...).
+
+    python scripts/sampling_sweep.py --real-pivots DATA --scorer PATH/score_cifar10.py --num-images 10000
+
+scores real CIFAR-10 test images (from DATA/cifar-10-batches-py) as '{"pivots_only": true}' shows pivots:
+downsampled 2x, then enlarged 2x. That is the best a perfect phase 1 could score.
 """
 
 import argparse
@@ -23,6 +28,32 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import himar  # noqa: E402
+import train  # noqa: E402
+
+
+def test_images(data_dir, n):
+    """The first n CIFAR-10 test images, uint8 [n, 32, 32, 3], and their labels [n]."""
+    path = os.path.join(data_dir, "cifar-10-batches-py", "test_batch")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found: give the folder that train.py reads CIFAR-10 from")
+    with open(path, "rb") as f:
+        batch = train.CifarUnpickler(f, path, "Give a folder with the official CIFAR-10 files.").load()
+    images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images[:n], np.asarray(batch[b"labels"])[:n]
+
+
+def enlarge(images):
+    """Low-resolution images [B, C, h, w] in [-1, 1] -> [B, C, 2h, 2w], bilinear."""
+    return F.interpolate(images, scale_factor=2, mode="bilinear", align_corners=False).clamp(-1, 1)
+
+
+def score(scorer, images, labels, device_type):
+    """The scorer's output (fd, acc, ...) for uint8 images [N, H, W, 3] with their labels."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "samples.npz")
+        np.savez(path, arr_0=images, arr_1=labels)
+        out = subprocess.run([sys.executable, scorer, path, "--device", device_type], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def generate(model, labels, seed, setting):
@@ -31,8 +62,7 @@ def generate(model, labels, seed, setting):
     if not setting.pop("pivots_only", False):
         return model.sample(labels, seed=seed, **setting)
     _, frames = model.sample(labels, seed=seed, trajectory=True, **setting)
-    pivots = [f["image"] for f in frames if f["phase"] == "pivot"][-1]  # phase 1's last frame: every pivot revealed
-    return F.interpolate(pivots, scale_factor=2, mode="bilinear", align_corners=False).clamp(-1, 1)
+    return enlarge([f["image"] for f in frames if f["phase"] == "pivot"][-1])  # phase 1's last frame: every pivot
 
 
 def sample_and_score(model, num_images, setting, scorer=None, batch_size=1000, keep=None):
@@ -49,19 +79,18 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=1000, k
               for i in range(0, num_images, batch_size)]
     seconds = time.time() - start
     row = {"setting": setting, "n": num_images, "seconds": round(seconds, 1), "images_per_s": round(num_images / seconds, 1)}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = keep or os.path.join(tmp, "samples.npz")
-        np.savez(path, arr_0=np.concatenate(chunks), arr_1=labels.numpy())
-        if scorer:
-            out = subprocess.run([sys.executable, scorer, path, "--device", device.type],
-                                 capture_output=True, text=True, check=True).stdout
-            row.update(json.loads(out.strip().splitlines()[-1]))
+    images = np.concatenate(chunks)
+    if keep:
+        np.savez(keep, arr_0=images, arr_1=labels.numpy())
+    if scorer:
+        row.update(score(scorer, images, labels.numpy(), device.type))
     return row
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt")
+    p.add_argument("--real-pivots", metavar="DATA", help="score real test images as pivots instead (see above)")
     p.add_argument("--scorer", help="path of score_cifar10.py (skip scoring if not given)")
     p.add_argument("--num-images", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=1000)
@@ -69,6 +98,15 @@ def main():
     p.add_argument("--settings", nargs="+", default=["{}"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    if args.real_pivots:
+        images, labels = test_images(args.real_pivots, args.num_images)
+        pivots = himar.downsample(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        row = {"setting": "real test images, downsampled 2x and enlarged 2x", "n": len(images),
+               **score(args.scorer, himar.to_uint8(enlarge(pivots)), labels, "cpu")}
+        print(json.dumps(row))
+        return
+    if not args.ckpt:
+        p.error("give --ckpt CHECKPOINT (or --real-pivots DATA)")
     model = himar.model_from_checkpoint(args.ckpt, args.device)
     for text in args.settings:
         row = sample_and_score(model, args.num_images, json.loads(text), args.scorer, args.batch_size)
