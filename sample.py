@@ -35,7 +35,7 @@ def class_grid(model, labels, per_class, seed, device, **settings):
 
 def trajectory_figure(frames, path, num_show):
     """The two-phase unmasking as one figure: a row per sample, a column per step. Phase 1 shows the pivot
-    image (upsampled 2x), phase 2 the dense image; tokens not yet revealed are grey. A .gif path also
+    image (upsampled 2x), phase 2 the dense image; tokens not yet revealed are magenta. A .gif path also
     writes an animation."""
     import matplotlib
 
@@ -81,7 +81,7 @@ def trajectory_figure(frames, path, num_show):
 
 
 KEEP_REGIONS = ("left", "right", "top", "bottom", "center", "border")
-MAGENTA = torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1)  # the pixels an edit generates, in the kept-region picture
+MAGENTA = torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1)  # tokens not given or not yet revealed, in the pictures
 
 
 def keep_mask(region, image_size, patch_size):
@@ -128,11 +128,11 @@ def edit_grid(model, image, keep, labels, seed, device, **settings):
 
 
 def unmasked_picture(frame):
-    """A trajectory frame as uint8 pictures [B, H, W, 3] at full size: masked tokens grey, pivots upsampled."""
+    """A trajectory frame as uint8 pictures [B, H, W, 3] at full size: masked tokens magenta, pivots upsampled."""
     image, mask = frame["image"], frame["mask"]  # [B, 3, h, w], [B, h/p, w/p]
     p = image.shape[-1] // mask.shape[-1]
     hidden = mask.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None]  # [B, 1, h, w]
-    image = torch.where(hidden, torch.zeros_like(image), image)  # 0 = mid grey in [-1, 1]
+    image = torch.where(hidden, MAGENTA, image)
     if frame["phase"] == "pivot":
         image = image.repeat_interleave(2, 2).repeat_interleave(2, 3)
     return himar.to_uint8(image)
