@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import tarfile
 import urllib.error
 import urllib.request
@@ -384,7 +385,10 @@ def test_bad_flags_and_checkpoints_give_clear_errors(image_folder, tmp_path):
 
 def test_ddp_with_two_cpu_processes(image_folder, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py",
+    with socket.socket() as s:  # a port that is free now (a fixed one can be taken by another program)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py",
            *train_args(image_folder, out, 3)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
