@@ -221,7 +221,8 @@ def tokenize(images, p):
 
 # ----------------------------------------------------------------------------------------------------
 # 3. Masks: which tokens are hidden in training, how often phase 2 trains without pivots, when each token is
-#    revealed in sampling, and how many denoising steps the head takes at each generation step
+#    revealed in sampling, which tokens an edit gives (known_tokens), and how many denoising steps the head takes
+#    at each generation step
 # ----------------------------------------------------------------------------------------------------
 
 
