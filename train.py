@@ -311,7 +311,8 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, help="training steps (default: the preset's recipe)")
     p.add_argument("--max-minutes", type=float,
                    help="also stop once the run has trained this long in all (resumed runs count their earlier time); "
-                        "the learning-rate decay and the pivot-dropout schedule then run over this time")
+                        "the learning-rate decay and the pivot-dropout schedule then run over this time (time is read at "
+                        "every --log-every step)")
     p.add_argument("--batch-size", type=int, help="global batch size (default: the preset's recipe)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's recipe)")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
