@@ -29,7 +29,6 @@ W transformer width, L sequence length.
 import math
 import os
 import pickle
-import re
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -53,11 +52,11 @@ class Sampling:
     (first, last) pair annealed over the phase's generation steps (see diffusion_schedule)."""
     pivot_steps: int = 32  # K1: generation steps of phase 1
     dense_steps: int = 1  # K2: generation steps of phase 2
-    pivot_cfg: float = 3.0  # guidance scale of phase 1 (reached at its end: it rises linearly)
+    pivot_cfg: float = 10.0  # guidance scale of phase 1 (reached at its end: it rises linearly from 1)
     dense_cfg: float = 3.0  # guidance scale of phase 2
     temperature: float = 1.0  # scales the noise of the DDPM sampler (DDIM has none)
     pivot_diffusion_steps: tuple = (50, 50)  # MLP head: denoising steps at the (first, last) generation step
-    dense_diffusion_steps: tuple = (50, 50)  # DiT head: likewise
+    dense_diffusion_steps: tuple = (25, 25)  # DiT head: likewise
     pivot_sampler: str = "ddim"  # "ddpm" (ancestral) or "ddim" (deterministic, eta 0); see REPORT.md for the choice
     dense_sampler: str = "ddim"
 
@@ -109,14 +108,14 @@ class Config:
     dropout: float = 0.0  # attention and projection dropout in the transformer
     class_dropout: float = 0.1  # probability of the null class in training (for classifier-free guidance)
     # phase-1 head: per-token MLP (MAR)
-    mlp_head_width: int = 256
-    mlp_head_depth: int = 3
+    mlp_head_width: int = 384
+    mlp_head_depth: int = 4
     mlp_head_repeats: int = 4  # noise levels drawn per token and step
     # phase-2 head: Diffusion Transformer
-    dit_head_width: int = 256
-    dit_head_depth: int = 3
-    dit_head_num_heads: int = 4
-    dit_head_repeats: int = 2  # noise levels drawn per image and step
+    dit_head_width: int = 384
+    dit_head_depth: int = 6
+    dit_head_num_heads: int = 6
+    dit_head_repeats: int = 1  # noise levels drawn per image and step
     # training
     mask_ratio_min: float = 0.7  # truncated normal mask ratio (phase 1, and MAR), mean 1
     mask_ratio_std: float = 0.25
@@ -168,11 +167,12 @@ PRESETS = {
     "tiny": Config(patch_size=4, width=64, depth=2, num_heads=2, buffer_tokens=1,
                    mlp_head_width=64, mlp_head_depth=2, dit_head_width=64, dit_head_depth=1, dit_head_num_heads=2,
                    sampling=Sampling(pivot_steps=4, dense_steps=2, pivot_diffusion_steps=10, dense_diffusion_steps=10)),
-    # CIFAR-10, 32x32: 64 pivots and 256 dense tokens of 2x2 pixels (the paper's 8x8 / 16x16 layout)
+    # CIFAR-10, 32x32: 64 pivots and 256 dense tokens of 2x2 pixels (the paper's 8x8 / 16x16 layout), 31.4M parameters
     "cifar10": Config(),
-    # ImageNet 64x64: 64 pivots and 256 dense tokens of 4x4 pixels
+    # ImageNet 64x64: 64 pivots and 256 dense tokens of 4x4 pixels; its heads and sampling are not yet tuned
     "imagenet64": Config(image_size=64, patch_size=4, num_classes=1000, width=768, depth=16, num_heads=12,
-                         mlp_head_width=1024, dit_head_width=384, dit_head_num_heads=6),
+                         mlp_head_width=1024, mlp_head_depth=3, dit_head_width=384, dit_head_depth=3,
+                         dit_head_num_heads=6, dit_head_repeats=2, sampling=Sampling(pivot_cfg=3.0, dense_diffusion_steps=50)),
 }
 
 
@@ -221,8 +221,8 @@ def tokenize(images, p):
 
 # ----------------------------------------------------------------------------------------------------
 # 3. Masks: which tokens are hidden in training, how often phase 2 trains without pivots, when each token is
-#    revealed in sampling, which tokens an edit gives (known_tokens), and how many denoising steps the head takes
-#    at each generation step
+#    revealed in sampling, which tokens an edit gives (known_tokens) or given pivots fix (given_pivot_tokens), and
+#    how many denoising steps the head takes at each generation step
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -331,6 +331,21 @@ def known_tokens(cfg, known_images, known_mask, batch, device):
         raise ValueError("known_images must be pixels in [-1, 1] where kept (8-bit pixels x: x / 127.5 - 1)")
     pivots, dense = tokenize(known_images, p)
     return pivots, whole_patches(known_mask, 2 * p), dense, whole_patches(known_mask, p)
+
+
+def given_pivot_tokens(cfg, pivots, known_images, batch, device):
+    """The tokens of given pivot images [B, C, H/2, W/2] in [-1, 1] (HiMAR.sample(pivots=...)), with a clear error
+    for what cannot be used."""
+    size = cfg.image_size // 2
+    if cfg.pivots == "none":
+        raise ValueError("pivots: this model has no pivot phase (pivots='none', MAR)")
+    if known_images is not None:
+        raise ValueError("give pivots or known_images (editing), not both")
+    if not torch.is_tensor(pivots) or tuple(pivots.shape) != (batch, cfg.channels, size, size):
+        raise ValueError(f"pivots must be a float tensor [B, C, H/2, W/2] = {[batch, cfg.channels, size, size]}")
+    if not torch.isfinite(pivots).all() or pivots.abs().max() > 1:
+        raise ValueError("pivots must hold pixel values in [-1, 1]")
+    return patchify(pivots.float().to(device), cfg.patch_size)  # [B, Np, D]
 
 
 def diffusion_schedule(diffusion_steps, steps):
@@ -787,13 +802,14 @@ class HiMAR(nn.Module):
     # --- sampling -----------------------------------------------------------------------------------
 
     def unmask(self, phase, labels, known, keep, steps, cfg_scale, diffusion_steps, sampler, temperature, generator,
-               pivot_context=None, frames=None):
+               pivot_context=None, forced=None, frames=None):
         """One phase of generation: reveal the phase's tokens in `steps` steps, in a random order, following the
         cosine schedule. The tokens `known` [B, N, D] where keep [B, N] is True are given (editing; see
         known_tokens): they start revealed, and the schedule covers only the others (in fewer steps if fewer than
-        `steps` are left, none if all are given). Returns the tokens [B, N, D] and, per position, the transformer
-        output z at the step it was generated [B, N, W] (phase 1's z_s, which phase 2 is conditioned on; zero
-        where given)."""
+        `steps` are left, none if all are given). forced [B, N, D]: the values that the revealed tokens take instead
+        of the head's samples (phase 1 with given pivots: the transformer still runs, so each pivot gets its z_s).
+        Returns the tokens [B, N, D] and, per position, the transformer output z at the step it was generated
+        [B, N, W] (phase 1's z_s, which phase 2 is conditioned on; zero where given)."""
         cfg, B, device = self.cfg, labels.shape[0], labels.device
         n = cfg.num_pivots if phase == PIVOT else cfg.num_dense
         head = self.pivot_head if phase == PIVOT else self.dense_head
@@ -803,7 +819,7 @@ class HiMAR(nn.Module):
         orders = known_last(random_orders(B, n, device, generator), keep)
         schedule = reveal_counts(mask.sum(dim=1), steps)  # [K, B]: per image, how many stay masked after each step
         denoising_steps = diffusion_schedule(diffusion_steps, len(schedule))  # per generation step (annealed)
-        guided = cfg_scale != 1.0
+        guided = cfg_scale != 1.0 and forced is None  # with forced values, no head samples: nothing to guide
         # CFG: a second branch with the null class, sharing the tokens (and pivots) of the first
         if guided:
             labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
@@ -817,8 +833,11 @@ class HiMAR(nn.Module):
             # 2. the positions revealed at this step, and the guidance scale (rising linearly with progress)
             reveal = mask & ~mask_by_order(orders, num_masked[:, None])  # [B, n]
             scale = 1 + (cfg_scale - 1) * (n - num_masked.view(B, 1, 1)) / n  # [B, 1, 1]: per image, given tokens count
-            # 3. the head samples them, in agreement with the tokens revealed before
-            tokens = head.sample(tokens, mask, reveal, z, z_null, scale, denoising_steps[step], sampler, temperature, generator)
+            # 3. the head samples them, in agreement with the tokens revealed before (or they take the forced values)
+            if forced is None:
+                tokens = head.sample(tokens, mask, reveal, z, z_null, scale, denoising_steps[step], sampler, temperature, generator)
+            else:
+                tokens = torch.where(reveal[..., None], forced, tokens)
             # 4. the revealed tokens are fixed for good; keep their z
             z_revealed[reveal] = z[reveal].to(z_revealed.dtype)
             mask = mask & ~reveal
@@ -830,13 +849,16 @@ class HiMAR(nn.Module):
 
     @torch.no_grad()
     def sample(self, labels, sampling=None, seed=None, drop_pivots=False, trajectory=False, known_images=None,
-               known_mask=None, **changes):
+               known_mask=None, pivots=None, **changes):
         """Generate images [B, C, H, W] in [-1, 1] for class labels [B] (the paper's two-phase generation).
         sampling: a Sampling (default: the config's), with `changes` to its fields by name, e.g. dense_steps=4.
         drop_pivots: phase 2 sees only placeholders (to show what the pivots do).
         known_images [B, C, H, W] in [-1, 1], known_mask bool [B, H, W]: zero-shot editing (inpainting,
         outpainting, a class swap). The pixels where known_mask is True are kept exactly, the rest generated
         around them; the mask keeps or drops whole dense tokens (see known_tokens).
+        pivots [B, C, H/2, W/2] in [-1, 1]: given pivot images. Phase 1 takes their tokens instead of sampling (its
+        transformer still runs along the random order, so each pivot gets the z_s that phase 2 reads), and phase 2
+        generates around them: with several seeds, it shows what the pivots decide and what phase 2 adds.
         trajectory=True also returns one frame per step: {"phase", "image" (tokens so far; for the DiT head
         the masked positions hold its latest sample), "mask" (True = not yet revealed)}."""
         cfg = self.cfg
@@ -850,6 +872,7 @@ class HiMAR(nn.Module):
         frames = [] if trajectory else None
         # the tokens given (editing), True in *_keep; plain generation: none
         known_pivots, pivot_keep, known_dense, dense_keep = known_tokens(cfg, known_images, known_mask, len(labels), device)
+        forced = None if pivots is None else given_pivot_tokens(cfg, pivots, known_images, len(labels), device)
         was_training = self.training
         self.eval()
 
@@ -859,7 +882,7 @@ class HiMAR(nn.Module):
                 # Phase 1: the low-resolution pivots, MLP head; keep each generated pivot's z_s
                 pivots, z_pivot = self.unmask(PIVOT, labels, known_pivots, pivot_keep, s.pivot_steps, s.pivot_cfg,
                                               s.pivot_diffusion_steps, s.pivot_sampler, s.temperature, generator,
-                                              frames=frames)
+                                              forced=forced, frames=frames)
                 # conditional tokens where phase 1 predicted the pivot, the placeholder where it was given (as in training)
                 dropped = torch.full(labels.shape, drop_pivots, device=device)
                 context = self.pivot_context(pivots, z_pivot, ~pivot_keep, dropped)
@@ -907,10 +930,8 @@ def save_checkpoint(path, checkpoint):
         raise
 
 
-
 def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint written by save_checkpoint (an older version's is brought up to date); a clear
-    CheckpointError if it is not one. Only tensors and plain data are read: nothing in the file can run code."""
+    """Read a checkpoint written by save_checkpoint; a clear CheckpointError if it is not one. Only tensors and plain data are read: nothing in the file can run code."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: check the path (train.py writes <out-dir>/checkpoint.pt)")
     try:
@@ -923,45 +944,10 @@ def load_checkpoint(path, device="cpu"):
                               f"{type(e).__name__}") from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or not {"model", "ema"} & set(checkpoint):
         raise CheckpointError(f"{path} is not a Hi-MAR checkpoint (it has no config and model weights)")
-    return upgrade(checkpoint)
-
-
-def upgrade(checkpoint):
-    """A checkpoint of the first layout (before the Sampling settings and the two head classes) in today's: fields
-    renamed, the sampling settings grouped (the samplers, new, take today's defaults), the DiT head's sublayers
-    as blocks, and the diffusion position embeddings, added later, at zero: exactly the model it was trained as.
-    Its optimizer state no longer fits the parameters, so it can be sampled but not resumed."""
-    config = dict(checkpoint["config"])
-    if "sampling" in config:
-        return checkpoint
-    for old, new in (("heads", "num_heads"), ("dit_head_heads", "dit_head_num_heads")):
-        config[new] = config.pop(old)
-    config["sampling"] = {f.name: config.pop(f.name) for f in fields(Sampling) if f.name in config}
-    run_steps = checkpoint.get("args", {}).get("max_steps")  # the warm-up was counted in steps
-    warmup = config.pop("pivot_dropout_warmup")
-    config["pivot_dropout_warmup"] = min(1.0, warmup / run_steps) if run_steps else Config.pivot_dropout_warmup
-    upgraded = {k: v for k, v in checkpoint.items() if k != "optimizer"}
-    upgraded["config"] = config
-    try:
-        cfg = Config(**config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint's config cannot be read by this version: {e}") from None
-
-    def rename(key):  # the heads' `layers.k` are now `blocks.k`; a DiT block holds an attention and an MLP sublayer
-        head, k, rest = re.match(r"(\w+_head)\.layers\.(\d+)\.(.*)", key).groups()
-        if head == "dense_head" and cfg.dense_head == "dit":
-            return f"{head}.blocks.{int(k) // 2}.{('attn', 'ffn')[int(k) % 2]}.{rest}"
-        return f"{head}.blocks.{k}.{rest}"
-
-    for key in ("model", "ema"):
-        if key in checkpoint:
-            weights = {rename(k) if ".layers." in k else k: v for k, v in checkpoint[key].items()}
-            some = next(iter(weights.values()))
-            weights["diffusion_pos_dense"] = some.new_zeros(1, cfg.num_dense, cfg.width)
-            if cfg.pivots != "none":
-                weights["diffusion_pos_pivot"] = some.new_zeros(1, cfg.num_pivots, cfg.width)
-            upgraded[key] = weights
-    return upgraded
+    if "sampling" not in checkpoint["config"]:  # the first layout: sampling fields loose in the config, `heads`, ...
+        raise CheckpointError(f"{path} was written by the first version of himar, whose layout this one no longer reads: "
+                              "sample it with that version (git checkout f5f94d6), or train anew")
+    return checkpoint
 
 
 def config_from_checkpoint(checkpoint):

@@ -1,6 +1,7 @@
 """Tests of himar.py: each checks one behaviour of the method and fails if it breaks. CPU, tiny configs."""
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -384,16 +385,23 @@ def test_sampling_settings_are_checked_in_one_place():
     assert preset("tiny", dense_steps=3).sampling.dense_steps == 3  # sampling fields change by name
 
 
-def test_the_shipped_checkpoint_of_the_first_layout_loads_and_samples():
+def test_the_shipped_checkpoint_is_the_cifar10_preset_and_samples():
     import os
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "himar_cifar10.pt")
-    checkpoint = himar.load_checkpoint(path)
-    assert "sampling" in checkpoint["config"] and not checkpoint["ema"]["diffusion_pos_dense"].any()
     model = himar.model_from_checkpoint(path)
-    assert model.cfg.sampling.pivot_steps == 32 and model.cfg.num_heads == 5
+    assert model.cfg == preset("cifar10")  # sizes and default sampling, as `python train.py` trains them
+    assert model.diffusion_pos_dense.abs().sum() > 0  # trained, not zeros
     x = model.sample([3, 8], pivot_steps=2, pivot_diffusion_steps=3, dense_diffusion_steps=3, seed=0)
     assert x.shape == (2, 3, 32, 32) and x.std() > 0.1
+
+
+def test_a_checkpoint_of_the_first_layout_is_refused_with_what_to_do(tmp_path):
+    config = {k: v for k, v in asdict(preset("tiny")).items() if k not in ("sampling", "num_heads")}
+    config.update(heads=2, pivot_steps=4)  # the first layout: `heads`, sampling fields loose in the config
+    himar.save_checkpoint(tmp_path / "old.pt", {"config": config, "ema": {}, "step": 1})
+    with pytest.raises(himar.CheckpointError, match="first version of himar.*git checkout f5f94d6"):
+        himar.load_checkpoint(tmp_path / "old.pt")
 
 
 # --- scale-aware transformer ------------------------------------------------------------------------
@@ -540,6 +548,31 @@ def test_sample_is_reproducible_in_range_and_has_a_trajectory(variant):
 def test_dropping_pivots_changes_the_dense_phase():
     model = randomize(tiny(), std=0.05)
     assert not torch.equal(model.sample([1, 2], seed=0), model.sample([1, 2], seed=0, drop_pivots=True))
+
+
+def test_given_pivots_are_kept_and_phase_two_is_generated_around_them():
+    model = randomize(tiny(), std=0.05)
+    model.pivot_head.sample = None  # phase 1 must not sample: the pivots are given
+    given = torch.rand(2, 3, 16, 16) * 2 - 1
+    a, frames = model.sample([1, 2], seed=0, pivots=given, trajectory=True)
+    pivot_frames = [f for f in frames if f["phase"] == "pivot"]
+    assert len(pivot_frames) == model.cfg.sampling.pivot_steps  # the transformer still runs phase 1, step by step
+    assert torch.equal(pivot_frames[-1]["image"], given)
+    assert not torch.allclose(a, model.sample([1, 2], seed=1, pivots=given))  # phase 2 differs between seeds
+    other = torch.rand(2, 3, 16, 16) * 2 - 1  # ... and follows the pivots (through their z_s)
+    assert not torch.allclose(a, model.sample([1, 2], seed=0, pivots=other))
+
+
+def test_given_pivots_of_the_wrong_kind_are_refused_clearly():
+    model = tiny()
+    with pytest.raises(ValueError, match=r"pivots must be a float tensor \[B, C, H/2, W/2\] = \[2, 3, 16, 16\]"):
+        model.sample([0, 1], pivots=images(2))
+    with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
+        model.sample([0, 1], pivots=images(2, 16) * 2)
+    with pytest.raises(ValueError, match="not both"):
+        model.sample([0, 1], pivots=images(2, 16), known_images=images(2), known_mask=torch.ones(2, 32, 32, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no pivot phase"):
+        tiny(pivots="none", dense_head="mlp").sample([0], pivots=images(1, 16))
 
 
 # --- zero-shot editing ------------------------------------------------------------------------------

@@ -291,7 +291,7 @@ def batch_at(data: ImageData, step: int, batch_size: int, seed: int, device,
 # How long each preset trains when --max-steps is not given, and its EMA decay (reached at the end of the warm-up).
 RECIPES = {
     "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99),
-    "cifar10": dict(steps=8700, batch_size=256, lr=8e-4, warmup=500, ema_decay=0.999),
+    "cifar10": dict(steps=14900, batch_size=256, lr=6e-4, warmup=500, ema_decay=0.999),  # about 20 minutes on one H100
     "imagenet64": dict(steps=200000, batch_size=512, lr=4e-4, warmup=5000, ema_decay=0.9999),
 }
 
@@ -311,8 +311,8 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, help="training steps (default: the preset's recipe)")
     p.add_argument("--max-minutes", type=float,
                    help="also stop once the run has trained this long in all (resumed runs count their earlier time); "
-                        "the learning-rate decay and the pivot-dropout schedule then run over this time (time is read at "
-                        "every --log-every step)")
+                        "the learning-rate decay and the pivot-dropout schedule then run over this time (the clock is read "
+                        "at every step)")
     p.add_argument("--batch-size", type=int, help="global batch size (default: the preset's recipe)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's recipe)")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
@@ -325,7 +325,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out-dir from its checkpoint, with its own settings (flags given now change them)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds a run, deleting it")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and the heads")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the transformer blocks and the heads (default: on a GPU; 1.7x the images/s of an H100 on cifar10, see REPORT.md; --no-compile if your setup cannot compile)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=2000)
     p.add_argument("--ckpt-every", type=int, default=1000)
@@ -446,6 +447,15 @@ def update_ema(ema, model, decay):
         e.lerp_(p.detach(), 1 - decay)
 
 
+def compile_blocks(model, args, device):
+    """torch.compile the transformer blocks and the heads, where the work is (the step's own logic stays eager).
+    --compile is on by default on a GPU and off on a CPU."""
+    if args.compile or (args.compile is None and device.type == "cuda"):
+        for module in model.modules():
+            if isinstance(module, (himar.ScaleAwareBlock, himar.DiffusionHead)):
+                module.compile()
+
+
 def training_step(step_model, optimizer, images, labels, pivot_dropout, grad_clip):
     """One optimizer step (bf16 autocast on a GPU). Returns the loss, its parts and the gradient norm before
     clipping, all still on the device (not synchronised)."""
@@ -520,13 +530,15 @@ class Stopping:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    def requested(self, device, world_size):
-        """Whether to stop after this step (under DDP, whether any rank was asked: all stop at the same step)."""
-        if world_size == 1:
-            return self.signal is not None
-        flag = torch.tensor(float(self.signal is not None), device=device)
-        torch.distributed.all_reduce(flag)
-        return flag.item() > 0
+
+def largest_on_any_rank(values, device, world_size):
+    """Each of the numbers `values` as its maximum over the ranks: under DDP every rank then takes the same branch
+    (stop, save) and the same learning rate at the same step."""
+    if world_size == 1:
+        return values
+    values = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return values.tolist()
 
 
 stopping = Stopping()
@@ -653,9 +665,7 @@ def train(args, model_class=himar.HiMAR):
         step_model = model
         if world_size > 1:
             step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if args.compile:  # the transformer blocks and the heads, where the work is; the step's own logic stays eager
-            for module in [*model.blocks, *[m for m in model.modules() if isinstance(m, himar.DiffusionHead)]]:
-                module.compile()
+        compile_blocks(model, args, device)
         if main_process:
             print(f"Hi-MAR {args.preset}: {model.num_params() / 1e6:.2f}M parameters; "
                   f"{len(data.labels)} images, batch {args.batch_size} on {world_size} x {device}")
@@ -690,9 +700,10 @@ def train(args, model_class=himar.HiMAR):
         sums, count = {}, 0
         bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=not main_process, desc="training")
         timer_start, train_seconds, done = time.time(), 0.0, start_step
+        seconds = earlier_seconds  # training time of the whole run so far, read at every step (the GPU may lag a little)
         for step in bar:
             images, labels = batch_at(data, step, local_batch, args.seed, device, rank, world_size)
-            progress = run_progress(args, step, earlier_seconds + train_seconds)
+            progress = run_progress(args, step, seconds)
             lr = learning_rate(args, step, progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -704,9 +715,12 @@ def train(args, model_class=himar.HiMAR):
                 sums[key] = sums.get(key, 0.0) + value.float()
             count += 1
             done = step + 1
-            interrupted = stopping.requested(device, world_size)  # Ctrl-C or SIGTERM: finish this step, save, exit
+            signalled, seconds = largest_on_any_rank([float(stopping.signal is not None),
+                                                      earlier_seconds + train_seconds + time.time() - timer_start], device, world_size)
+            interrupted = signalled > 0  # Ctrl-C or SIGTERM (on any rank): finish this step, save, exit
+            out_of_time = args.max_minutes is not None and seconds >= 60 * args.max_minutes
 
-            if done % args.log_every == 0 or done == args.max_steps or done % args.ckpt_every == 0 or interrupted:
+            if done % args.log_every == 0 or done == args.max_steps or done % args.ckpt_every == 0 or interrupted or out_of_time:
                 if bad.item():  # stop before anything non-finite reaches a checkpoint
                     raise TrainingStopped(
                         f"the loss or its gradient became NaN or inf between step {done - count + 1} and {done}. The last good "
@@ -724,7 +738,6 @@ def train(args, model_class=himar.HiMAR):
                     plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
                     bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"})
                 sums, count = {}, 0
-                out_of_time = args.max_minutes is not None and earlier_seconds + train_seconds >= 60 * args.max_minutes
                 if done % args.sample_every == 0 or done == args.max_steps or out_of_time:
                     sample_grid(done)
                 if done % args.ckpt_every == 0 or done == args.max_steps or out_of_time or interrupted:

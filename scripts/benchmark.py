@@ -1,7 +1,7 @@
 """Where a config's compute goes and how fast it trains: FLOPs by part, and the throughput of training steps.
 
     python scripts/benchmark.py                                    # the cifar10 preset, on the best device
-    python scripts/benchmark.py --preset imagenet64 --batch-size 64 --compile
+    python scripts/benchmark.py --preset imagenet64 --batch-size 64 --no-compile   # eager, to compare
     python scripts/benchmark.py --preset tiny --set dense_head=mlp --set pivots=none --device cpu --steps 3
 
 Prints the forward FLOPs per image of each top-level part of the model (PyTorch's FLOP counter on a CPU batch
@@ -80,7 +80,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="default: the preset's recipe")
     p.add_argument("--steps", type=int, default=20, help="timed training steps (0: count FLOPs only)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (kernel selection, compilation)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and the heads")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the transformer blocks and the heads (default: on a GPU, as train.py)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     args.batch_size = args.batch_size or train.RECIPES[args.preset]["batch_size"]
@@ -98,9 +99,7 @@ def main(argv=None):
     print(f"one training step: {per_image / 1e9:.2f} GFLOP per image (forward + backward, on {device.type})")
     result = {"parts": parts, "forward": forward, "train_flops": per_image}
     if args.steps > 0:
-        if args.compile:
-            for module in [*model.blocks, *[m for m in model.modules() if isinstance(m, himar.DiffusionHead)]]:
-                module.compile()
+        train.compile_blocks(model, args, device)
         rate = throughput(model, args, device)
         memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
         print(f"training: batch {args.batch_size}, {rate:.0f} images/s, {rate * per_image / 1e12:.1f} TFLOP/s{memory}")
