@@ -266,6 +266,15 @@ def wrote(path):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    try:
+        run(args)
+    except torch.cuda.OutOfMemoryError:
+        sys.exit(f"error: the GPU ran out of memory while sampling. Sample fewer images at once: a smaller --batch-size "
+                 f"for --npz (now {args.batch_size}), a smaller --per-class for the grid, fewer --labels for edits.")
+
+
+def run(args):
+    """Load the checkpoint, then write what the flags ask for: the grid and trajectory, the edits, the npz."""
     image = read_image(args.edit) if args.edit else None  # [1, 3, H, W], read before the model loads
     device = pick_device(args.device)
     try:

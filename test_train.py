@@ -377,6 +377,53 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_folde
     assert after["step"] == 3 and all(torch.equal(good["model"][k], after["model"][k]) for k in good["model"])
 
 
+class PerImageLoss(torch.nn.Module):
+    """A deterministic model with train.py's interface whose loss is a mean over the images of the batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(48, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def forward(self, images, labels, pivot_dropout=0.0):
+        loss = ((self.net(images.flatten(1)).squeeze(1) - labels.float()) ** 2).mean()
+        return loss, {"dense": loss.detach()}
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 4, 6])
+def test_micro_batches_give_the_update_of_the_whole_batch(micro_batch):
+    x, y = torch.randn(6, 3, 4, 4), torch.arange(6) % 3  # 6 images: micro-batches of 4 leave one of 2 (shares 4/6, 2/6)
+    updated = []
+    for size in (None, micro_batch):
+        model = PerImageLoss()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.02)
+        for _ in range(3):
+            loss, parts, grad_norm = train.training_step(model, optimizer, x, y, 0.0, grad_clip=0.5, micro_batch=size)
+        updated.append((loss, parts["dense"], grad_norm, [p.detach().clone() for p in model.parameters()]))
+    (l1, d1, g1, p1), (l2, d2, g2, p2) = updated
+    assert torch.allclose(l1, l2) and torch.allclose(d1, d2) and torch.allclose(g1, g2)  # g > 0.5: clipping is on
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p1, p2))
+
+
+def test_micro_batch_flag_trains_and_out_of_memory_names_the_flag(image_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "micro"
+    train.main(train_args(image_folder, out, 3, "--micro-batch", "3"))  # batches of 8 as 3 + 3 + 2
+    assert torch.load(out / "checkpoint.pt")["args"]["micro_batch"] == 3
+    with pytest.raises(SystemExit):
+        train.main(train_args(image_folder, tmp_path / "m0", 3, "--micro-batch", "0"))
+    assert "--micro-batch must be a positive whole number, got 0" in capsys.readouterr().err
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "training_step", out_of_memory)
+    with pytest.raises(SystemExit, match=r"ran out of memory at step 1, with 8 images per forward pass.*--micro-batch 4"):
+        train.main(train_args(image_folder, tmp_path / "oom", 3))
+    monkeypatch.setattr(himar.HiMAR, "sample", out_of_memory)
+    with pytest.raises(SystemExit, match=r"ran out of memory while sampling.*--batch-size for --npz \(now 500\)"):
+        sample.main(["--ckpt", str(out / "checkpoint.pt"), "--device", "cpu", "--grid", str(tmp_path / "g.png")])
+
+
 def test_bad_flags_and_checkpoints_give_clear_errors(image_folder, tmp_path):
     with pytest.raises(SystemExit, match="--set depth=x: depth must be a int"):
         train.main(train_args(image_folder, tmp_path / "a", 3) + ["--set", "depth=x"])

@@ -289,10 +289,11 @@ def batch_at(data: ImageData, step: int, batch_size: int, seed: int, device,
 # ----- Training -----
 
 # How long each preset trains when --max-steps is not given, and its EMA decay (reached at the end of the warm-up).
+# micro_batch: images per forward/backward pass on a GPU (None: the whole batch); imagenet64's 512 do not fit at once.
 RECIPES = {
-    "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99),
-    "cifar10": dict(steps=14900, batch_size=256, lr=6e-4, warmup=500, ema_decay=0.999),  # about 20 minutes on one H100
-    "imagenet64": dict(steps=200000, batch_size=512, lr=4e-4, warmup=5000, ema_decay=0.9999),
+    "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99, micro_batch=None),
+    "cifar10": dict(steps=14900, batch_size=256, lr=6e-4, warmup=500, ema_decay=0.999, micro_batch=None),  # ~20 min, one H100
+    "imagenet64": dict(steps=200000, batch_size=512, lr=4e-4, warmup=5000, ema_decay=0.9999, micro_batch=128),
 }
 
 
@@ -314,6 +315,10 @@ def parse_args(argv=None):
                         "the learning-rate decay and the pivot-dropout schedule then run over this time (the clock is read "
                         "at every step)")
     p.add_argument("--batch-size", type=int, help="global batch size (default: the preset's recipe)")
+    p.add_argument("--micro-batch", type=int,
+                   help="images per forward/backward pass on each GPU; their gradients add up to one update of the "
+                        "whole batch (gradient accumulation). Lower it when the GPU runs out of memory (default: the "
+                        "preset's recipe: the whole batch for cifar10, 128 for imagenet64)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's recipe)")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
     p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"], help="after the warm-up")
@@ -337,7 +342,7 @@ def parse_args(argv=None):
     args.preset = args.preset or ("imagenet64" if args.dataset == "imagenet64" else "cifar10")
     recipe = RECIPES[args.preset]
     for name, key in (("max_steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("warmup_steps", "warmup"),
-                      ("ema_decay", "ema_decay")):
+                      ("ema_decay", "ema_decay"), ("micro_batch", "micro_batch")):
         if getattr(args, name) is None:
             setattr(args, name, recipe[key])
     args.out_dir = args.out_dir or os.path.join("runs", args.preset)
@@ -353,6 +358,8 @@ def check_args(args, error):
     for name in ("lr", "grad_clip"):
         if not getattr(args, name) > 0:  # also catches NaN
             error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.micro_batch is not None and args.micro_batch <= 0:
+        error(f"--micro-batch must be a positive whole number, got {args.micro_batch}")
     if args.max_minutes is not None and not args.max_minutes > 0:
         error(f"--max-minutes must be > 0, got {args.max_minutes}")
     if args.warmup_steps < 0 or not args.weight_decay >= 0:
@@ -456,16 +463,29 @@ def compile_blocks(model, args, device):
                 module.compile()
 
 
-def training_step(step_model, optimizer, images, labels, pivot_dropout, grad_clip):
-    """One optimizer step (bf16 autocast on a GPU). Returns the loss, its parts and the gradient norm before
-    clipping, all still on the device (not synchronised)."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
-        loss, parts = step_model(images, labels, pivot_dropout=pivot_dropout)
+def training_step(step_model, optimizer, images, labels, pivot_dropout, grad_clip, micro_batch=None):
+    """One optimizer step on a batch (bf16 autocast on a GPU), in micro-batches of at most micro_batch images
+    (gradient accumulation): each micro-batch's loss counts by its share of the batch, so their gradients add up to
+    the batch's, and the update is the batch's in less memory. (Hi-MAR draws one mask ratio per forward pass, so
+    its micro-batches draw several where the whole batch draws one: the same update in expectation.)
+    Returns the loss, its parts and the gradient norm before clipping, all still on the device (not synchronised)."""
+    size = micro_batch or len(images)
+    chunks = list(zip(images.split(size), labels.split(size)))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss, parts = 0.0, {}
+    for k, (x, y) in enumerate(chunks):
+        share = len(x) / len(images)
+        # under DDP the gradients are averaged across the GPUs once, in the backward pass of the last micro-batch
+        accumulate_only = k < len(chunks) - 1 and hasattr(step_model, "no_sync")
+        with step_model.no_sync() if accumulate_only else contextlib.nullcontext():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+                part, part_parts = step_model(x, y, pivot_dropout=pivot_dropout)
+            (part * share).backward()
+        loss = loss + part.detach() * share
+        parts = {key: parts.get(key, 0.0) + value * share for key, value in part_parts.items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(step_model.parameters(), grad_clip)
     optimizer.step()
-    return loss.detach(), parts, grad_norm
+    return loss, parts, grad_norm
 
 
 def setup_distributed(args):
@@ -707,8 +727,16 @@ def train(args, model_class=himar.HiMAR):
             lr = learning_rate(args, step, progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, parts, grad_norm = training_step(step_model, optimizer, images, labels,
-                                                   himar.pivot_dropout_at(cfg, progress), args.grad_clip)
+            try:
+                loss, parts, grad_norm = training_step(step_model, optimizer, images, labels,
+                                                       himar.pivot_dropout_at(cfg, progress), args.grad_clip, args.micro_batch)
+            except torch.cuda.OutOfMemoryError:
+                smaller = max(1, (args.micro_batch or local_batch) // 2)
+                again = f"--resume --micro-batch {smaller}" if os.path.exists(ckpt_path) else f"--micro-batch {smaller}"
+                raise TrainingStopped(
+                    f"the GPU ran out of memory at step {step + 1}, with {args.micro_batch or local_batch} images per "
+                    f"forward pass. Run again with fewer ({again}): the update stays that of --batch-size "
+                    f"{args.batch_size}, it only takes longer.") from None
             update_ema(ema, model, ema_decay_at(args, step))
             bad |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
             for key, value in {"loss": loss, **parts}.items():

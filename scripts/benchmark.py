@@ -1,7 +1,8 @@
 """Where a config's compute goes and how fast it trains: FLOPs by part, and the throughput of training steps.
 
     python scripts/benchmark.py                                    # the cifar10 preset, on the best device
-    python scripts/benchmark.py --preset imagenet64 --batch-size 64 --no-compile   # eager, to compare
+    python scripts/benchmark.py --preset imagenet64 --micro-batch 64   # peak memory of a 512 batch in passes of 64
+    python scripts/benchmark.py --no-compile                       # eager, to compare
     python scripts/benchmark.py --preset tiny --set dense_head=mlp --set pivots=none --device cpu --steps 3
 
 Prints the forward FLOPs per image of each top-level part of the model (PyTorch's FLOP counter on a CPU batch
@@ -68,7 +69,7 @@ def throughput(model, args, device):
         if step == args.warmup:
             sync()
             start = time.time()
-        train.training_step(model, optimizer, images, labels, 0.5, args.grad_clip)
+        train.training_step(model, optimizer, images, labels, 0.5, args.grad_clip, args.micro_batch)
     sync()
     return args.steps * args.batch_size / (time.time() - start)
 
@@ -78,6 +79,7 @@ def main(argv=None):
     p.add_argument("--preset", default="cifar10", choices=list(himar.PRESETS))
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="as in train.py")
     p.add_argument("--batch-size", type=int, help="default: the preset's recipe")
+    p.add_argument("--micro-batch", type=int, help="images per forward/backward pass (default: the preset's recipe)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps (0: count FLOPs only)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (kernel selection, compilation)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
@@ -85,6 +87,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     args.batch_size = args.batch_size or train.RECIPES[args.preset]["batch_size"]
+    args.micro_batch = args.micro_batch or train.RECIPES[args.preset]["micro_batch"]
     args.lr, args.weight_decay, args.grad_clip = 1e-4, 0.02, 3.0
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -102,7 +105,8 @@ def main(argv=None):
         train.compile_blocks(model, args, device)
         rate = throughput(model, args, device)
         memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
-        print(f"training: batch {args.batch_size}, {rate:.0f} images/s, {rate * per_image / 1e12:.1f} TFLOP/s{memory}")
+        passes = f" in micro-batches of {args.micro_batch}" if args.micro_batch else ""
+        print(f"training: batch {args.batch_size}{passes}, {rate:.0f} images/s, {rate * per_image / 1e12:.1f} TFLOP/s{memory}")
         result["images_per_s"] = rate
     return result
 
