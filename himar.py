@@ -842,9 +842,10 @@ class HiMAR(nn.Module):
             z_revealed[reveal] = z[reveal].to(z_revealed.dtype)
             mask = mask & ~reveal
             if frames is not None:
+                side = math.isqrt(n)
                 frames.append({"phase": "pivot" if phase == PIVOT else "dense",
                                "image": unpatchify(tokens, cfg.patch_size, cfg.channels).clamp(-1, 1).cpu(),
-                               "mask": mask.view(B, math.isqrt(n), math.isqrt(n)).cpu()})
+                               "mask": mask.view(B, side, side).cpu(), "revealed": reveal.view(B, side, side).cpu()})
         return tokens, z_revealed
 
     @torch.no_grad()
@@ -860,7 +861,8 @@ class HiMAR(nn.Module):
         transformer still runs along the random order, so each pivot gets the z_s that phase 2 reads), and phase 2
         generates around them: with several seeds, it shows what the pivots decide and what phase 2 adds.
         trajectory=True also returns one frame per step: {"phase", "image" (tokens so far; for the DiT head
-        the masked positions hold its latest sample), "mask" (True = not yet revealed)}."""
+        the masked positions hold its latest sample), "mask" (True = not yet revealed), "revealed" (True = revealed
+        at this step)}, the masks per token."""
         cfg = self.cfg
         s = replace(sampling or cfg.sampling, **changes)
         s.check(cfg)

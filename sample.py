@@ -35,8 +35,8 @@ def class_grid(model, labels, per_class, seed, device, **settings):
 
 def trajectory_figure(frames, path, num_show):
     """The two-phase unmasking as one figure: a row per sample, a column per step. Phase 1 shows the pivot
-    image (upsampled 2x), phase 2 the dense image; tokens not yet revealed are magenta. A .gif path also
-    writes an animation."""
+    image (upsampled 2x), phase 2 the dense image; tokens not yet revealed are magenta, those revealed at that
+    step outlined in yellow. A .gif path also writes an animation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,9 +52,12 @@ def trajectory_figure(frames, path, num_show):
     steps = len(frames)
     fig, axes = plt.subplots(num_show, steps, figsize=(1.1 * steps, 1.15 * num_show + 0.3), squeeze=False)
     for j, frame in enumerate(frames):
+        side = frame["mask"].shape[-1]
         for i in range(num_show):
             ax = axes[i, j]
             ax.imshow(pictures[j][i], interpolation="nearest")
+            if frame["revealed"][i].sum() <= side * side // 2:  # a step that reveals it all needs no outline
+                outline_revealed(ax, frame["revealed"][i], pictures[j].shape[1] // side)
             ax.set_xticks([]), ax.set_yticks([])
         title = "pivots" if frame["phase"] == "pivot" else "dense"
         axes[0, j].set_title(f"{title} {frame['step']}", fontsize=7)
@@ -127,15 +130,36 @@ def edit_grid(model, image, keep, labels, seed, device, **settings):
     return torch.cat([image, kept, edits.cpu()]), frames
 
 
+def masked(images, masks):
+    """Images [B, C, h, w] with the tokens where masks [B, h/p, w/p] are True painted magenta."""
+    p = images.shape[-1] // masks.shape[-1]
+    hidden = masks.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None]  # [B, 1, h, w]
+    return torch.where(hidden, MAGENTA, images)
+
+
 def unmasked_picture(frame):
     """A trajectory frame as uint8 pictures [B, H, W, 3] at full size: masked tokens magenta, pivots upsampled."""
-    image, mask = frame["image"], frame["mask"]  # [B, 3, h, w], [B, h/p, w/p]
-    p = image.shape[-1] // mask.shape[-1]
-    hidden = mask.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None]  # [B, 1, h, w]
-    image = torch.where(hidden, MAGENTA, image)
+    image = masked(frame["image"], frame["mask"])  # [B, 3, h, w]
     if frame["phase"] == "pivot":
         image = image.repeat_interleave(2, 2).repeat_interleave(2, 3)
     return himar.to_uint8(image)
+
+
+def picture(image, mask=None):
+    """One image [C, h, w] in [-1, 1] as [h, w, 3] values in [0, 1] for matplotlib's imshow; with a token mask
+    [h/p, w/p] (True = not yet revealed), those tokens magenta. The notebooks draw with it."""
+    if mask is not None:
+        image = masked(image[None], mask[None])[0]
+    return ((image.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+
+
+def outline_revealed(ax, revealed, pixels_per_token):
+    """Outline in yellow, on an imshow axis, the tokens revealed at this step (revealed [h/p, w/p] bool)."""
+    from matplotlib.patches import Rectangle
+
+    s = pixels_per_token
+    for row, col in revealed.nonzero().tolist():
+        ax.add_patch(Rectangle((col * s - 0.5, row * s - 0.5), s, s, fill=False, edgecolor="yellow", linewidth=0.9))
 
 
 # ----- command line -----

@@ -176,9 +176,11 @@ def test_sampling_trajectory_reveals_each_token_once_per_phase():
     assert [f["phase"] for f in frames] == ["pivot"] * 3 + ["dense"] * cfg.num_dense
     for phase, n in (("pivot", cfg.num_pivots), ("dense", cfg.num_dense)):
         masks = [torch.ones(2, n, dtype=torch.bool)] + [f["mask"].flatten(1) for f in frames if f["phase"] == phase]
-        for before, after in zip(masks, masks[1:]):
+        revealed = [f["revealed"].flatten(1) for f in frames if f["phase"] == phase]
+        for before, after, now in zip(masks, masks[1:], revealed):
             assert not (after & ~before).any()  # a revealed token never becomes masked again
             assert ((before & ~after).sum(1) >= 1).all()  # each step reveals at least one
+            assert torch.equal(now, before & ~after)  # the frame says which
         assert not masks[-1].any()
 
 
