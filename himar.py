@@ -933,7 +933,8 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint written by save_checkpoint; a clear CheckpointError if it is not one. Only tensors and plain data are read: nothing in the file can run code."""
+    """Read a checkpoint written by save_checkpoint; a clear CheckpointError if it is not one. Only tensors and
+    plain data are read: nothing in the file can run code."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: check the path (train.py writes <out-dir>/checkpoint.pt)")
     try:
