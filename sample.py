@@ -56,7 +56,7 @@ def trajectory_figure(frames, path, num_show):
         for i in range(num_show):
             ax = axes[i, j]
             ax.imshow(pictures[j][i], interpolation="nearest")
-            if frame["revealed"][i].sum() <= side * side // 2:  # a step that reveals it all needs no outline
+            if frame["revealed"][i].sum() <= side * side // 8:  # outlines for a few tokens; not over a whole region
                 outline_revealed(ax, frame["revealed"][i], pictures[j].shape[1] // side)
             ax.set_xticks([]), ax.set_yticks([])
         title = "pivots" if frame["phase"] == "pivot" else "dense"
