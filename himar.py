@@ -14,7 +14,7 @@ One transformer serves both phases; a "scale vector" tells it which phase it is 
 Read top to bottom:
     1. Config           the model (one dataclass, named presets) and the sampling settings
     2. Tokenizer        pixels <-> dense tokens and pivot tokens
-    3. Masks            training mask ratios, pivot dropout, the sampling schedule, the tokens an edit gives
+    3. Masks            training mask ratios, pivot dropout, the sampling schedule, the tokens an edit or given pivots fix
     4. Diffusion        cosine schedule, q_sample, training loss, DDPM / DDIM reverse samplers
     5. Building blocks  attention, the scale-aware block (eq. 2), the DiT block (eq. 3)
     6. Heads            the per-token MLP head and the Diffusion Transformer head, each with its loss and sampler
