@@ -688,7 +688,8 @@ def train(args, model_class=himar.HiMAR):
             step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         compile_blocks(model, args, device)
         if main_process:
-            print(f"Hi-MAR {args.preset}: {model.num_params() / 1e6:.2f}M parameters; "
+            name = "Hi-MAR" if model_class is himar.HiMAR else model_class.__name__  # e.g. the ablation's DiT
+            print(f"{name} {args.preset}: {model.num_params() / 1e6:.2f}M parameters; "
                   f"{len(data.labels)} images, batch {args.batch_size} on {world_size} x {device}")
 
         def gathered(tensor):  # every rank's copy of a tensor, for the checkpoint
