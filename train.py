@@ -766,7 +766,8 @@ def train(args, model_class=himar.HiMAR):
                     with open(log_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
                     plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"})
+                    budget = {"min": f"{row['minutes']:.1f}/{args.max_minutes:g}"} if args.max_minutes else {}  # the time budget's progress
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"} | budget)
                 sums, count = {}, 0
                 if done % args.sample_every == 0 or done == args.max_steps or out_of_time:
                     sample_grid(done)
