@@ -312,6 +312,9 @@ def run(args):
     if min(labels) < 0 or max(labels) >= cfg.num_classes:
         sys.exit(f"error: --labels must be class indices in [0, {cfg.num_classes})")
     print(f"{args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {cfg.image_size}x{cfg.image_size}, on {device}")
+    print(f"sampling: K1 = {sampling.pivot_steps} pivot steps, K2 = {sampling.dense_steps} dense steps, CFG "
+          f"{sampling.pivot_cfg:g} / {sampling.dense_cfg:g}, denoising steps {sampling.pivot_sampler} "
+          f"{sampling.pivot_diffusion_steps} / {sampling.dense_sampler} {sampling.dense_diffusion_steps}")
 
     if args.edit and (args.grid or args.trajectory):
         S = cfg.image_size

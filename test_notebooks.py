@@ -2,8 +2,9 @@
 
 The notebooks are executed in memory (the files are not rewritten), with notebooks/ as the working directory, as
 when they are opened there, and their text outputs must match the saved ones (timings and decimals aside): a notebook
-saved before the code changed fails until it is re-executed. Together they take a few minutes on a 2-core CPU: notebook 2 samples from the shipped
-checkpoint and notebook 3 trains a tiny model.
+saved before the code changed fails until it is re-executed. Together they take about 5 minutes on a 2-core CPU
+(notebook 2 samples from the shipped checkpoint, notebook 3 trains a tiny model), so these runs have a command of
+their own, `python -m pytest -q -m notebooks`; the quick checks of the saved files run with the other tests.
 """
 
 import glob
@@ -51,6 +52,7 @@ def test_notebook_is_saved_with_its_outputs(path):
     assert not errors, f"{path} is saved with an error: {errors[0].get('ename')}: {errors[0].get('evalue')}"
 
 
+@pytest.mark.notebooks  # its own command: python -m pytest -q -m notebooks (pytest.ini)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_top_to_bottom(path):
     needs_notebook_tools()
