@@ -494,10 +494,12 @@ def test_ablation_study_runs_end_to_end(image_folder, tmp_path, monkeypatch, cap
     import cifar10_ablation as study
 
     monkeypatch.setitem(study.VARIANTS, "dit", ("plain DiT", []))  # the tiny preset's size, not the real baseline's
+    label, sets = study.VARIANTS["mar"]  # and MAR with few sampling steps, to keep the test quick on a CPU
+    monkeypatch.setitem(study.VARIANTS, "mar", (label, [*sets, "dense_steps=4", "dense_diffusion_steps=10"]))
     out = tmp_path / "study"
     study.main(["run", "--out", str(out), "--preset", "tiny", "--variants", "mar", "dit", "--score-at", "0.002", "0.004",
                 "--num-images", "10", "--final-images", "20", "--batch-size", "10", "--log-every", "2",
-                "--cfgs", "1.5", "3", "--device", "cpu",
+                "--cfgs", "1.5", "3", "--curve-cfg", "3", "--device", "cpu",
                 "--train-flags", "--dataset", "folder", "--data-dir", image_folder, "--batch-size", "8"])
     rows = [json.loads(line) for line in open(out / "results.jsonl")]
     for name in ("mar", "dit"):

@@ -83,12 +83,14 @@ class DiT(nn.Module):
 
 
 # name -> (label, --set changes to the cifar10 preset). The MLP heads draw each token on its own, so their dense
-# phase reveals the 256 tokens in 64 steps (as MAR does); the DiT head draws the whole dense map in one step (the
-# cifar10 default). The DiT baseline is wider and twice as deep as the masked models' transformer (32.8M parameters).
+# phase reveals the 256 tokens in 64 steps (as MAR does), with as many denoising steps as the pivots' MLP head (an
+# MLP head needs many: REPORT.md, first section); the DiT head draws the whole dense map in one step (the cifar10
+# default). The DiT baseline is wider and twice as deep as the masked models' transformer (32.8M parameters).
+MLP_DENSE = ["dense_head=mlp", "dense_steps=64", "dense_diffusion_steps=200"]
 VARIANTS = {
-    "mar": ("1. MAR: no pivots, MLP head", ["pivots=none", "dense_head=mlp", "dense_steps=64"]),
-    "visual": ("2. visual pivots, MLP heads", ["pivots=visual", "dense_head=mlp", "scale_vector=false", "dense_steps=64"]),
-    "conditional": ("3. conditional pivots, MLP heads", ["dense_head=mlp", "scale_vector=false", "dense_steps=64"]),
+    "mar": ("1. MAR: no pivots, MLP head", ["pivots=none", *MLP_DENSE]),
+    "visual": ("2. visual pivots, MLP heads", ["pivots=visual", "scale_vector=false", *MLP_DENSE]),
+    "conditional": ("3. conditional pivots, MLP heads", ["scale_vector=false", *MLP_DENSE]),
     "conditional_dit": ("4. conditional pivots, DiT head", ["scale_vector=false"]),
     "himar": ("5. Hi-MAR: 4 + scale vector", []),
     "dit": ("plain DiT (baseline)", ["width=384", "depth=12", "num_heads=6"]),
@@ -100,8 +102,23 @@ def model_class(name):
     return DiT if name == "dit" else himar.HiMAR
 
 
+# The guidance that each variant's sweep varies: the scale of its MLP-head phases, which want a strong one (10 to
+# 30), while a DiT head keeps the preset's dense scale (3); for the plain DiT, its only scale (1.5 to 3).
+DEFAULT_CFGS = {"dit": [1.5, 2.0, 3.0]}  # every other variant: MLP_CFGS
+MLP_CFGS = [10.0, 20.0, 30.0]
+
+
 def cfg_setting(name, scale):
-    return {"dense_cfg": scale} if name == "dit" else {"pivot_cfg": scale, "dense_cfg": scale}
+    if name == "dit":
+        return {"dense_cfg": scale}
+    mlp_dense = "dense_head=mlp" in VARIANTS[name][1]
+    return {"pivot_cfg": scale, "dense_cfg": scale} if mlp_dense else {"pivot_cfg": scale}
+
+
+def sweep_scales(name, args):
+    """(the scale scored along the training curve, the scales of the final sweep) for a variant."""
+    cfgs = args.cfgs or DEFAULT_CFGS.get(name, MLP_CFGS)
+    return (args.curve_cfg if args.curve_cfg is not None else cfgs[len(cfgs) // 2]), cfgs
 
 
 def device_name(device):
@@ -125,6 +142,7 @@ def run_variant(name, args, log):
               "--ckpt-every", "100000000", "--sample-every", "100000000", "--seed", "0", *args.train_flags, *sets]
     if name == "dit" and "--lr" not in args.train_flags:
         common += ["--lr", str(DIT_LR)]
+    curve_cfg, cfgs = sweep_scales(name, args)
     for minutes in args.score_at:
         resume = ["--resume"] if os.path.exists(checkpoint_path) else []
         train.train(train.parse_args(common + ["--max-minutes", str(minutes)] + resume), model_class=model_class(name))
@@ -132,12 +150,12 @@ def run_variant(name, args, log):
         at = {"variant": name, "budget": args.score_at[-1], "step": checkpoint["step"],
               "minutes": round(checkpoint["train_seconds"] / 60, 3), "params": model.num_params(),
               "batch_size": checkpoint["args"]["batch_size"], "device": device_name(args.device)}
-        curve = {**at, "kind": "curve", "cfg": args.curve_cfg,
-                 **sample_and_score(model, args.num_images, cfg_setting(name, args.curve_cfg), args.scorer, args.batch_size)}
+        curve = {**at, "kind": "curve", "cfg": curve_cfg,
+                 **sample_and_score(model, args.num_images, cfg_setting(name, curve_cfg), args.scorer, args.batch_size)}
         log(curve)
 
-    sweep = {args.curve_cfg: curve}  # the last curve point is the sweep's entry for curve_cfg
-    for scale in args.cfgs:
+    sweep = {curve_cfg: curve}  # the last curve point is the sweep's entry for curve_cfg
+    for scale in cfgs:
         if scale not in sweep:
             sweep[scale] = {**at, "kind": "sweep", "cfg": scale,
                             **sample_and_score(model, args.num_images, cfg_setting(name, scale), args.scorer, args.batch_size)}
@@ -201,7 +219,7 @@ def report(out, plot=None):
     first = next(iter(curves.values()))[0]  # the curves' sample count and CFG, for the captions
     # the equal-steps view: every curve read at the step count that the slowest variant reached
     step = min(curve[-1]["step"] for curve in curves.values())
-    print(f"\nAt equal steps: {step:,} steps, read off each curve ({first['n']:,} samples, CFG {first['cfg']:g}; "
+    print(f"\nAt equal steps: {step:,} steps, read off each curve ({first['n']:,} samples at its curve CFG; "
           "linear between its scored points)\n")
     print(f"| variant | training minutes to {step:,} steps | `fd` | `acc` |\n| --- | --- | --- | --- |")
     for n, curve in curves.items():
@@ -233,7 +251,7 @@ def report(out, plot=None):
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter()), ax.yaxis.set_minor_formatter(ScalarFormatter())
         fig.suptitle(f"CIFAR-10, equal training time on {first['device']}: EMA samples scored along the way "
-                     f"({first['n']:,} images, CFG {first['cfg']:g})", fontsize=10)
+                     f"({first['n']:,} images, each at its curve CFG)", fontsize=10)
         fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
         fig.tight_layout(rect=(0, 0.12, 1, 1))
         fig.savefig(plot, dpi=90)
@@ -275,8 +293,10 @@ def parse_args(argv=None):
                    help="training minutes after which to score; the last is each variant's budget")
     r.add_argument("--num-images", type=int, default=2000, help="samples per curve point and per CFG of the sweep")
     r.add_argument("--final-images", type=int, default=10000, help="samples for the final score, with the best CFG")
-    r.add_argument("--curve-cfg", type=float, default=3.0)
-    r.add_argument("--cfgs", type=float, nargs="+", default=[1.5, 3.0], help="the CFG sweep at the end")
+    r.add_argument("--curve-cfg", type=float, help="the CFG of the curve points (default: the middle of the sweep's)")
+    r.add_argument("--cfgs", type=float, nargs="+",
+                   help="the CFG sweep at the end, for every variant (default: 1.5 2 3 for the DiT, 10 20 30 for the "
+                        "MLP-head phases of the others; see cfg_setting)")
     r.add_argument("--batch-size", type=int, default=1000, help="sampling batch")
     r.add_argument("--preset", default="cifar10", choices=list(himar.PRESETS))
     r.add_argument("--log-every", type=int, default=50, help="train.py's --log-every; a segment ends at one of these")
