@@ -622,65 +622,79 @@ def drop_rows_after(log_path, step):
             f.writelines(rows)
 
 
+def run_config(args, main_process):
+    """The run's settings and model config: from the checkpoint when resuming (with the run's own settings, and
+    the checkpoint itself returned), else from the preset and --set (and no checkpoint)."""
+    if not args.resume:
+        return args, config_from_args(args), None
+    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    try:
+        checkpoint = himar.load_checkpoint(ckpt_path)
+    except himar.CheckpointError as e:
+        raise SystemExit(f"error: cannot resume: {e}") from None
+    if "optimizer" not in checkpoint:
+        raise SystemExit(f"error: cannot resume {ckpt_path}: it holds no optimizer state (an exported checkpoint, "
+                         "or one written by an older version of himar); it can still be sampled with sample.py")
+    args = resumed_args(args, checkpoint.get("args", {}), main_process)
+    cfg = himar.config_from_checkpoint(checkpoint)
+    if "set" in args.given and config_from_args(args) != cfg:
+        raise SystemExit(f"error: --set changes the config of the run in {args.out_dir}; resume it without --set")
+    if main_process:
+        drop_rows_after(os.path.join(args.out_dir, "metrics.jsonl"), checkpoint["step"])
+    return args, cfg, checkpoint
+
+
+def training_data(args, cfg, rank, world_size, device):
+    """The data set, read by rank 0 first (it may download it), then by the others; on the GPU if it is small."""
+    if rank != 0:
+        torch.distributed.barrier()
+    try:
+        data = load_dataset(args.dataset, args.data_dir, cfg.image_size)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    if rank == 0 and world_size > 1:
+        torch.distributed.barrier()
+    if data.labels.max() >= cfg.num_classes:
+        raise SystemExit(f"error: the data has {int(data.labels.max()) + 1} classes, the {args.preset} preset {cfg.num_classes}; "
+                         f"use --set num_classes={int(data.labels.max()) + 1}")
+    if device.type == "cuda" and data.images.numel() < 2**31:  # small data sets live on the GPU
+        data.images = data.images.to(device)
+    return data
+
+
+def restore(checkpoint, model, ema, optimizer, rank, device):
+    """Load a resumed run's weights, optimizer and random state; return (its step, how long it had trained)."""
+    himar.load_weights(model, checkpoint, "model")
+    himar.load_weights(ema, checkpoint, "ema")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
+    if device.type == "cuda" and checkpoint["rng"].get("cuda"):
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
+    return checkpoint["step"], checkpoint.get("train_seconds", 0.0)
+
+
 def train(args, model_class=himar.HiMAR):
     """Train model_class(cfg) (Hi-MAR, or another model with the same forward and sample) as args say."""
     rank, world_size, device = setup_distributed(args)
     main_process = rank == 0
     # the run folder is locked (one run at a time) while the run lasts
     with claim_run_folder(args) if main_process else contextlib.nullcontext():
-        # the model: from the checkpoint when resuming (with the run's own settings), else from the preset and --set
+        args, cfg, checkpoint = run_config(args, main_process)
         ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-        checkpoint = None
-        if args.resume:
-            try:
-                checkpoint = himar.load_checkpoint(ckpt_path)
-            except himar.CheckpointError as e:
-                raise SystemExit(f"error: cannot resume: {e}") from None
-            if "optimizer" not in checkpoint:
-                raise SystemExit(f"error: cannot resume {ckpt_path}: it holds no optimizer state (an exported checkpoint, "
-                                 "or one written by an older version of himar); it can still be sampled with sample.py")
-            args = resumed_args(args, checkpoint.get("args", {}), main_process)
-            cfg = himar.config_from_checkpoint(checkpoint)
-            if "set" in args.given and config_from_args(args) != cfg:
-                raise SystemExit(f"error: --set changes the config of the run in {args.out_dir}; resume it without --set")
-            if main_process:
-                drop_rows_after(os.path.join(args.out_dir, "metrics.jsonl"), checkpoint["step"])
-        else:
-            cfg = config_from_args(args)
         if device.type == "cpu" and main_process:
             print("warning: no CUDA GPU found, training on the CPU (slow; fine for --preset tiny)")
         if args.batch_size % world_size:
             raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(args.seed + rank)
-
-        # data: rank 0 first (it may download), then the others
-        if rank != 0:
-            torch.distributed.barrier()
-        try:
-            data = load_dataset(args.dataset, args.data_dir, cfg.image_size)
-        except DataError as e:
-            raise SystemExit(f"error: {e}") from None
-        if rank == 0 and world_size > 1:
-            torch.distributed.barrier()
-        if data.labels.max() >= cfg.num_classes:
-            raise SystemExit(f"error: the data has {int(data.labels.max()) + 1} classes, the {args.preset} preset {cfg.num_classes}; "
-                             f"use --set num_classes={int(data.labels.max()) + 1}")
-        if device.type == "cuda" and data.images.numel() < 2**31:  # small data sets live on the GPU
-            data.images = data.images.to(device)
+        data = training_data(args, cfg, rank, world_size, device)
 
         model = model_class(cfg).to(device)
         ema = copy.deepcopy(model).requires_grad_(False)
         optimizer = make_optimizer(model, args)
         start_step, earlier_seconds = 0, 0.0  # where a resumed run starts, and how long it had trained
         if checkpoint is not None:
-            himar.load_weights(model, checkpoint, "model")
-            himar.load_weights(ema, checkpoint, "ema")
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            start_step, earlier_seconds = checkpoint["step"], checkpoint.get("train_seconds", 0.0)
-            torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
-            if device.type == "cuda" and checkpoint["rng"].get("cuda"):
-                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
+            start_step, earlier_seconds = restore(checkpoint, model, ema, optimizer, rank, device)
             if main_process:
                 print(f"resuming {ckpt_path} at step {start_step}")
         step_model = model
