@@ -162,6 +162,31 @@ def outline_revealed(ax, revealed, pixels_per_token):
         ax.add_patch(Rectangle((col * s - 0.5, row * s - 0.5), s, s, fill=False, edgecolor="yellow", linewidth=0.9))
 
 
+def show_grid(rows, titles=None, row_names=None, size=1.2):
+    """The notebooks' image grid: rows of images [C, h, w] in [-1, 1] (lists, or batches [n, C, h, w]) drawn with
+    picture; `titles` over the top row (one per column) or over every image (one list per row); `row_names` on the
+    left. Text is black, at size 8. Returns the matplotlib axes [rows, columns]."""
+    import matplotlib.pyplot as plt
+
+    columns = max(len(row) for row in rows)
+    every_image = titles is not None and isinstance(titles[0], (list, tuple))
+    fig, axes = plt.subplots(len(rows), columns, figsize=(size * columns + (1.2 if row_names else 0.2),
+                                                          (size + (0.2 if titles else 0.05)) * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([]), ax.set_yticks([])
+            if c >= len(row):  # a shorter row: blank
+                ax.axis("off")
+                continue
+            ax.imshow(picture(row[c]), interpolation="nearest")
+            if titles is not None and (every_image or r == 0):
+                ax.set_title((titles[r] if every_image else titles)[c], fontsize=8, pad=2)
+        if row_names:
+            axes[r, 0].set_ylabel(row_names[r], fontsize=8, rotation=0, ha="right", va="center")
+    fig.tight_layout(pad=0.3)
+    return axes
+
+
 # ----- command line -----
 
 

@@ -859,3 +859,22 @@ def test_hidden_files_in_an_image_folder_are_skipped(image_folder):
     assert len(load_dataset("folder", image_folder, 32).labels) == 64
 
 
+
+
+def test_show_grid_draws_every_image_with_its_title_and_blanks_short_rows():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = torch.rand(3, 3, 8, 8) * 2 - 1
+    axes = sample.show_grid([images, images[:2]], titles=[["a", "b", "c"], ["d", "e"]], row_names=["one", "two"])
+    assert axes.shape == (2, 3)
+    assert [[ax.get_title() for ax in row] for row in axes] == [["a", "b", "c"], ["d", "e", ""]]
+    assert not axes[1, 2].axison and axes[1, 1].axison  # the short row's missing image is blank
+    assert axes[0, 0].get_ylabel() == "one" and axes[1, 0].get_ylabel() == "two"
+    drawn = axes[0, 1].get_images()[0].get_array()
+    assert np.allclose(drawn, sample.picture(images[1]))  # drawn with picture: [-1, 1] -> [0, 1]
+    top_only = sample.show_grid([images, images], titles=["x", "y", "z"])
+    assert [ax.get_title() for ax in top_only[0]] == ["x", "y", "z"] and all(ax.get_title() == "" for ax in top_only[1])
+    plt.close("all")
