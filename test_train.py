@@ -878,3 +878,16 @@ def test_show_grid_draws_every_image_with_its_title_and_blanks_short_rows():
     top_only = sample.show_grid([images, images], titles=["x", "y", "z"])
     assert [ax.get_title() for ax in top_only[0]] == ["x", "y", "z"] and all(ax.get_title() == "" for ax in top_only[1])
     plt.close("all")
+
+
+def test_ddp_ranks_stop_with_a_message_when_rank_0_cannot_read_the_data(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py",
+           "--preset", "tiny", "--dataset", "folder", "--data-dir", str(tmp_path / "missing"), "--out-dir",
+           str(tmp_path / "run"), "--device", "cpu", "--max-steps", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    assert result.returncode != 0
+    assert "rank 1: rank 0 could not read the data set" in result.stderr
+    assert "[rank1]: Traceback" not in result.stderr  # the launcher's own report aside, no rank prints a traceback
