@@ -193,6 +193,9 @@ def show_grid(rows, titles=None, row_names=None, size=1.2):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample images from a Hi-MAR checkpoint.")
     p.add_argument("--ckpt", default=SHIPPED_CHECKPOINT, help="checkpoint file (default: the shipped CIFAR-10 model)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema",
+                   help="the checkpoint's EMA weights (default), or its raw training weights: for a short run, whose "
+                        "EMA still holds much of its first steps' weights")
     p.add_argument("--grid", help="PNG grid to write ('' for none; default samples.png, or edits.png with --edit)")
     p.add_argument("--labels", type=int, nargs="+", help="classes of the grid rows, or of the edits with --edit (default: the first 10 classes)")
     p.add_argument("--per-class", type=int, help="grid images per class (default: 10 on a GPU, 2 on a CPU)")
@@ -327,7 +330,7 @@ def run(args):
     image = read_image(args.edit) if args.edit else None  # [1, 3, H, W], read before the model loads
     device = pick_device(args.device)
     try:
-        model = himar.model_from_checkpoint(args.ckpt, device)
+        model = himar.model_from_checkpoint(args.ckpt, device, key=args.weights)
     except himar.CheckpointError as e:
         hint = "\n(the shipped model is checkpoints/himar_cifar10.pt in the repository)" if args.ckpt == SHIPPED_CHECKPOINT else ""
         sys.exit(f"error: {e}{hint}")
@@ -336,7 +339,7 @@ def run(args):
     labels = args.labels if args.labels else list(range(min(10, cfg.num_classes)))
     if min(labels) < 0 or max(labels) >= cfg.num_classes:
         sys.exit(f"error: --labels must be class indices in [0, {cfg.num_classes})")
-    print(f"{args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {cfg.image_size}x{cfg.image_size}, on {device}")
+    print(f"{args.ckpt} ({args.weights} weights): {model.num_params() / 1e6:.1f}M parameters, {cfg.image_size}x{cfg.image_size}, on {device}")
     print(f"sampling: K1 = {sampling.pivot_steps} pivot steps, K2 = {sampling.dense_steps} dense steps, CFG "
           f"{sampling.pivot_cfg:g} / {sampling.dense_cfg:g}, denoising steps {sampling.pivot_sampler} "
           f"{sampling.pivot_diffusion_steps} / {sampling.dense_sampler} {sampling.dense_diffusion_steps}")

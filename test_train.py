@@ -891,3 +891,25 @@ def test_ddp_ranks_stop_with_a_message_when_rank_0_cannot_read_the_data(tmp_path
     assert result.returncode != 0
     assert "rank 1: rank 0 could not read the data set" in result.stderr
     assert "[rank1]: Traceback" not in result.stderr  # the launcher's own report aside, no rank prints a traceback
+
+
+def test_sample_draws_the_ema_or_the_raw_weights_as_asked(tmp_path, capsys):
+    torch.manual_seed(0)
+    raw, ema = himar.HiMAR(himar.preset("tiny")), himar.HiMAR(himar.preset("tiny"))
+    with torch.no_grad():  # two sets of weights that draw different images (at init, the zeroed outputs would not)
+        for p in raw.parameters():
+            p.normal_(0, 0.1)
+    path = tmp_path / "run.pt"
+    himar.save_checkpoint(path, {"config": himar.asdict(raw.cfg), "model": raw.state_dict(), "ema": ema.state_dict()})
+    grids = {}
+    for weights in ("ema", "model"):
+        npz = tmp_path / f"{weights}.npz"
+        sample.main(["--ckpt", str(path), "--weights", weights, "--num-images", "4", "--npz", str(npz), "--grid", "",
+                     "--trajectory", "", "--device", "cpu"])
+        grids[weights] = np.load(npz)["arr_0"]
+        assert f"({weights} weights)" in capsys.readouterr().out
+    assert not np.array_equal(grids["ema"], grids["model"])
+    exported = tmp_path / "exported.pt"  # EMA weights only, as scripts/export_checkpoint.py writes
+    himar.save_checkpoint(exported, {"config": himar.asdict(raw.cfg), "ema": ema.state_dict()})
+    with pytest.raises(SystemExit, match="no 'model' weights"):
+        sample.main(["--ckpt", str(exported), "--weights", "model", "--grid", "", "--trajectory", "", "--device", "cpu"])
