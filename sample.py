@@ -201,7 +201,8 @@ def parse_args(argv=None):
     p.add_argument("--per-class", type=int, help="grid images per class (default: 10 on a GPU, 2 on a CPU)")
     p.add_argument("--num-images", type=int, default=0, help="with --npz: how many samples, spread evenly over classes")
     p.add_argument("--npz", help="write --num-images samples here (arr_0 uint8 [N,H,W,3], arr_1 labels)")
-    p.add_argument("--trajectory", default="trajectory.png", help="figure (.png) or animation (.gif) of the unmasking ('' for none)")
+    p.add_argument("--trajectory", help="figure (.png) or animation (.gif) of the unmasking ('' for none; default "
+                                        "trajectory.png, or edit_trajectory.png with --edit)")
     p.add_argument("--edit", metavar="IMAGE.png",
                    help="zero-shot editing: keep the --keep region of this picture (the model's size, e.g. 32x32 RGB) "
                         "and generate the rest once as each --labels class; the grid shows the input, the kept region "
@@ -226,6 +227,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.grid is None:
         args.grid = "edits.png" if args.edit else "samples.png"
+    if args.trajectory is None:  # an edit does not overwrite the trajectory of a plain run
+        args.trajectory = "edit_trajectory.png" if args.edit else "trajectory.png"
     return args
 
 

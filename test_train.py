@@ -827,6 +827,8 @@ def test_sample_edit_writes_the_input_the_kept_region_and_one_edit_per_label(tin
     assert "an edit as each of classes 0 3 3" in capsys.readouterr().out and trajectory.exists()
     assert sample.parse_args(["--edit", "in.png", "--keep", "left"]).grid == "edits.png"  # not the class grid's name
     assert sample.parse_args([]).grid == "samples.png"
+    edit_defaults = sample.parse_args(["--edit", "in.png", "--keep", "left"])  # an edit keeps a plain run's trajectory
+    assert edit_defaults.trajectory == "edit_trajectory.png" and sample.parse_args([]).trajectory == "trajectory.png"
 
 
 def test_sample_edit_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
