@@ -648,12 +648,14 @@ def run_config(args, main_process):
 def training_data(args, cfg, rank, world_size, device):
     """The data set, read by rank 0 first (it may download it), then by the others; on the GPU if it is small.
     If rank 0 cannot read it (or stopped before, e.g. on a run folder in use), every rank stops with a message."""
-    error = None
-    if rank == 0:
+
+    def read():  # (the data, None) or (None, what to do)
         try:
-            data = load_dataset(args.dataset, args.data_dir, cfg.image_size)
+            return load_dataset(args.dataset, args.data_dir, cfg.image_size), None
         except DataError as e:
-            error = f"error: {e}"
+            return None, str(e)
+
+    data, error = read() if rank == 0 else (None, None)
     if world_size > 1:  # the other ranks wait here for rank 0's verdict
         failed = torch.tensor([float(error is not None)], device=device)
         try:
@@ -662,13 +664,10 @@ def training_data(args, cfg, rank, world_size, device):
             raise SystemExit(f"error: rank {rank}: rank 0 stopped before the data was read; its message says why") from None
         if failed.item() and rank != 0:
             raise SystemExit(f"error: rank {rank}: rank 0 could not read the data set; its message says why")
+        if rank != 0:
+            data, error = read()
     if error:
-        raise SystemExit(error)
-    if rank != 0:
-        try:
-            data = load_dataset(args.dataset, args.data_dir, cfg.image_size)
-        except DataError as e:
-            raise SystemExit(f"error: rank {rank}: {e}") from None
+        raise SystemExit(f"error: {error}" if rank == 0 else f"error: rank {rank}: {error}")
     if data.labels.max() >= cfg.num_classes:
         raise SystemExit(f"error: the data has {int(data.labels.max()) + 1} classes, the {args.preset} preset {cfg.num_classes}; "
                          f"use --set num_classes={int(data.labels.max()) + 1}")
