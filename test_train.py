@@ -751,6 +751,8 @@ def test_checkpoints_are_synced_get_the_users_mode_and_stale_temporary_files_go(
     (["--grad-clip", "-1"], "--grad-clip must be > 0"), (["--batch-size", "0"], "--batch-size must be a positive"),
     (["--lr", "0"], "--lr must be > 0"), (["--lr", "-1"], "--lr must be > 0"), (["--device", "foo"], "not a device"),
     (["--max-minutes", "0"], "--max-minutes must be > 0"), (["--ema-decay", "1"], "--ema-decay must be in"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs replays compiled code on a CUDA GPU"),
+    (["--cuda-graphs", "--no-compile"], "--cuda-graphs replays compiled code on a CUDA GPU"),
 ])
 def test_train_flags_are_checked_before_anything_starts(flags, message, capsys):
     with pytest.raises(SystemExit):

@@ -84,6 +84,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (kernel selection, compilation)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the transformer blocks and the heads (default: on a GPU, as train.py)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the compiled parts as CUDA graphs (as train.py)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     args.batch_size = args.batch_size or train.RECIPES[args.preset]["batch_size"]

@@ -216,10 +216,12 @@ def report(out, plot=None):
             curves[n] = [r for r in scored if r["budget"] == budget]
     if not curves:  # unscored runs have no curves
         return
-    first = next(iter(curves.values()))[0]  # the curves' sample count and CFG, for the captions
+    first = next(iter(curves.values()))[0]  # the curves' GPU, for the captions
+    counts = sorted({r["n"] for curve in curves.values() for r in curve})  # samples per curve point
+    count = " or ".join(f"{n:,}" for n in counts) + " samples"
     # the equal-steps view: every curve read at the step count that the slowest variant reached
     step = min(curve[-1]["step"] for curve in curves.values())
-    print(f"\nAt equal steps: {step:,} steps, read off each curve ({first['n']:,} samples at its curve CFG; "
+    print(f"\nAt equal steps: {step:,} steps, read off each curve ({count} at its curve CFG; "
           "linear between its scored points)\n")
     print(f"| variant | training minutes to {step:,} steps | `fd` | `acc` |\n| --- | --- | --- | --- |")
     for n, curve in curves.items():
@@ -251,7 +253,7 @@ def report(out, plot=None):
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter()), ax.yaxis.set_minor_formatter(ScalarFormatter())
         fig.suptitle(f"CIFAR-10, equal training time on {first['device']}: EMA samples scored along the way "
-                     f"({first['n']:,} images, each at its curve CFG)", fontsize=10)
+                     f"({count} each, at its curve CFG)", fontsize=10)
         fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
         fig.tight_layout(rect=(0, 0.12, 1, 1))
         fig.savefig(plot, dpi=90)
