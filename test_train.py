@@ -579,6 +579,14 @@ def test_weight_decay_falls_on_linear_weight_matrices_only():
     assert decayed == linear and len(decay["params"]) + len(other["params"]) == len(list(model.parameters()))
 
 
+def test_update_ema_moves_each_parameter_by_one_minus_decay():
+    model, ema = himar.HiMAR(himar.preset("tiny")), himar.HiMAR(himar.preset("tiny"))
+    before = [e.clone() for e in ema.parameters()]
+    train.update_ema(ema, model, 0.9)
+    for b, e, p in zip(before, ema.parameters(), model.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p)
+
+
 def test_ema_decay_reaches_the_configured_value_at_the_end_of_the_warmup():
     args = train.parse_args(["--preset", "cifar10"])
     assert args.ema_decay == 0.999 and args.warmup_steps == 500

@@ -459,8 +459,9 @@ def make_optimizer(model, args):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model, every parameter in one multi-tensor call (a GPU step is bound by
+    launching kernels: one per parameter would be 219 for cifar10)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def compile_blocks(model, args, device):
