@@ -336,8 +336,8 @@ def parse_args(argv=None):
                         "about 1.8x as fast on an H100, see REPORT.md; --no-compile if your setup cannot compile)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="compile in torch.compile's 'reduce-overhead' mode: each compiled part is replayed as a CUDA "
-                        "graph, with less time spent launching kernels (on 2 H100s under DDP at batch 256: 3,430 instead "
-                        "of 2,650 images/s; not yet measured on one GPU, see REPORT.md)")
+                        "graph, with less time spent launching kernels (on 2 H100s under DDP at batch 256: 3,426 instead "
+                        "of 2,535 images/s; not yet measured on one GPU, see REPORT.md)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=2000)
     p.add_argument("--ckpt-every", type=int, default=1000)
