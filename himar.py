@@ -938,6 +938,10 @@ def load_checkpoint(path, device="cpu"):
     plain data are read: nothing in the file can run code."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: check the path (train.py writes <out-dir>/checkpoint.pt)")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise CheckpointError(f"{path} is not a checkpoint (PyTorch writes checkpoints as zip archives; this file "
+                                  "is not one): check the path (train.py writes <out-dir>/checkpoint.pt)")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:

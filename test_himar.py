@@ -694,6 +694,10 @@ def test_checkpoint_errors_are_clear(tmp_path):
     himar.save_checkpoint(path, {"config": himar.asdict(model.cfg), "model": model.state_dict()})
     with pytest.raises(himar.CheckpointError, match="another config(.|\n)*depth: checkpoint 2, model 3"):
         himar.load_weights(tiny(depth=3), himar.load_checkpoint(path))
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(himar.CheckpointError, match="is not a checkpoint"):
+        himar.model_from_checkpoint(text)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(himar.CheckpointError, match="corrupt or truncated"):
