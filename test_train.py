@@ -563,6 +563,9 @@ def test_benchmark_accounts_for_the_whole_forward_pass_and_times_training(capsys
     assert "pivot_head" not in mar and mar["blocks"] < parts["blocks"]
     out = capsys.readouterr().out
     assert "GFLOP per image" in out and "images/s" in out
+    with pytest.raises(SystemExit):
+        benchmark.main(["--preset", "tiny", "--device", "cpu", "--cuda-graphs"])
+    assert "--cuda-graphs replays compiled code on a CUDA GPU" in capsys.readouterr().err
 
 
 def test_weight_decay_falls_on_linear_weight_matrices_only():

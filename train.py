@@ -372,9 +372,8 @@ def check_args(args, error):
         error("--warmup-steps and --weight-decay must be >= 0")
     if not 0 <= args.ema_decay < 1:
         error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.cuda_graphs and (args.compile is False or not (args.device.startswith("cuda") or
-                                                          (args.device == "auto" and torch.cuda.is_available()))):
-        error("--cuda-graphs replays compiled code on a CUDA GPU: it goes with neither --no-compile nor a CPU")
+    if problem := cuda_graphs_problem(args):
+        error(problem)
     if args.resume and args.overwrite:
         error("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")
     if args.device != "auto":
@@ -382,6 +381,14 @@ def check_args(args, error):
             torch.device(args.device)
         except RuntimeError:
             error(f"--device {args.device}: not a device; use cuda, cuda:N, cpu or auto")
+
+
+def cuda_graphs_problem(args):
+    """Why --cuda-graphs cannot work with these flags (None if it can)."""
+    on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if args.cuda_graphs and (args.compile is False or not on_gpu):
+        return "--cuda-graphs replays compiled code on a CUDA GPU: it goes with neither --no-compile nor a CPU"
+    return None
 
 
 def config_from_args(args):

@@ -87,6 +87,8 @@ def main(argv=None):
     p.add_argument("--cuda-graphs", action="store_true", help="replay the compiled parts as CUDA graphs (as train.py)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if problem := train.cuda_graphs_problem(args):
+        p.error(problem)
     args.batch_size = args.batch_size or train.RECIPES[args.preset]["batch_size"]
     args.micro_batch = args.micro_batch or train.RECIPES[args.preset]["micro_batch"]
     args.lr, args.weight_decay, args.grad_clip = 1e-4, 0.02, 3.0
