@@ -936,12 +936,13 @@ def save_checkpoint(path, checkpoint):
 def load_checkpoint(path, device="cpu"):
     """Read a checkpoint written by save_checkpoint; a clear CheckpointError if it is not one. Only tensors and
     plain data are read: nothing in the file can run code."""
+    check = "check the path (train.py writes <out-dir>/checkpoint.pt)"
     if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}: check the path (train.py writes <out-dir>/checkpoint.pt)")
+        raise CheckpointError(f"no checkpoint at {path}: {check}")
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
             raise CheckpointError(f"{path} is not a checkpoint (PyTorch writes checkpoints as zip archives; this file "
-                                  "is not one): check the path (train.py writes <out-dir>/checkpoint.pt)")
+                                  f"is not one): {check}")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:

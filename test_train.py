@@ -461,14 +461,18 @@ def test_bad_flags_and_checkpoints_give_clear_errors(image_folder, tmp_path):
         sample.main(["--ckpt", ckpt, "--grid", str(tmp_path / "no" / "such" / "dir.png"), "--device", "cpu"])
 
 
-def test_ddp_with_two_cpu_processes(image_folder, tmp_path):
-    out = tmp_path / "ddp"
-    with socket.socket() as s:  # a port that is free now (a fixed one can be taken by another program)
+def torchrun_two_cpu_processes(flags):
+    """train.py under torchrun with 2 processes (gloo), on a port that is free now (a fixed one can be taken)."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py",
-           *train_args(image_folder, out, 3)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py", *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+
+
+def test_ddp_with_two_cpu_processes(image_folder, tmp_path):
+    out = tmp_path / "ddp"
+    result = torchrun_two_cpu_processes(train_args(image_folder, out, 3))
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(out / "checkpoint.pt")
     assert checkpoint["step"] == 3 and len(checkpoint["rng"]["cpu"]) == 2
@@ -874,8 +878,6 @@ def test_hidden_files_in_an_image_folder_are_skipped(image_folder):
     assert len(load_dataset("folder", image_folder, 32).labels) == 64
 
 
-
-
 def test_show_grid_draws_every_image_with_its_title_and_blanks_short_rows():
     import matplotlib
 
@@ -896,13 +898,8 @@ def test_show_grid_draws_every_image_with_its_title_and_blanks_short_rows():
 
 
 def test_ddp_ranks_stop_with_a_message_when_rank_0_cannot_read_the_data(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py",
-           "--preset", "tiny", "--dataset", "folder", "--data-dir", str(tmp_path / "missing"), "--out-dir",
-           str(tmp_path / "run"), "--device", "cpu", "--max-steps", "2"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    result = torchrun_two_cpu_processes(["--preset", "tiny", "--dataset", "folder", "--data-dir", str(tmp_path / "missing"),
+                                         "--out-dir", str(tmp_path / "run"), "--device", "cpu", "--max-steps", "2"])
     assert result.returncode != 0
     assert "rank 1: rank 0 could not read the data set" in result.stderr
     assert "[rank1]: Traceback" not in result.stderr  # the launcher's own report aside, no rank prints a traceback
