@@ -960,6 +960,7 @@ def load_checkpoint(path, device="cpu"):
 
 
 def config_from_checkpoint(checkpoint):
+    """The Config a checkpoint was trained with (its sampling defaults included), or a clear CheckpointError."""
     known = {f.name for f in fields(Config)}
     unknown = set(checkpoint["config"]) - known
     if unknown:
