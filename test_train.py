@@ -572,6 +572,22 @@ def test_benchmark_accounts_for_the_whole_forward_pass_and_times_training(capsys
     assert "--cuda-graphs replays compiled code on a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,device,mode", [
+    ([], "cuda", "reduce-overhead"),               # the default on a GPU: compiled, replayed as CUDA graphs
+    (["--micro-batch", "8"], "cuda", "default"),   # gradient accumulation: compiled, no graphs (they fail there)
+    (["--no-cuda-graphs"], "cuda", "default"),
+    (["--no-compile"], "cuda", None),
+    ([], "cpu", None),                             # a CPU: eager
+])
+def test_compile_blocks_uses_cuda_graphs_by_default_where_they_work(flags, device, mode, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, mode=None: modes.append(mode or "default"))
+    model = himar.HiMAR(himar.preset("tiny"))
+    train.compile_blocks(model, train.parse_args(["--preset", "tiny", *flags]), torch.device(device))
+    compiled = [m for m in model.modules() if isinstance(m, (himar.ScaleAwareBlock, himar.DiffusionHead))]
+    assert modes == ([mode] * len(compiled) if mode else [])
+
+
 def test_weight_decay_falls_on_linear_weight_matrices_only():
     model = himar.HiMAR(himar.preset("tiny"))
     args = train.parse_args(["--preset", "tiny"])
@@ -768,6 +784,7 @@ def test_checkpoints_are_synced_get_the_users_mode_and_stale_temporary_files_go(
     (["--max-minutes", "0"], "--max-minutes must be > 0"), (["--ema-decay", "1"], "--ema-decay must be in"),
     (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs replays compiled code on a CUDA GPU"),
     (["--cuda-graphs", "--no-compile"], "--cuda-graphs replays compiled code on a CUDA GPU"),
+    (["--cuda-graphs", "--device", "cuda", "--micro-batch", "8"], "--cuda-graphs does not work with gradient accumulation"),
 ])
 def test_train_flags_are_checked_before_anything_starts(flags, message, capsys):
     with pytest.raises(SystemExit):

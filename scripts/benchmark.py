@@ -3,6 +3,7 @@
     python scripts/benchmark.py                                    # the cifar10 preset, on the best device
     python scripts/benchmark.py --preset imagenet64 --micro-batch 64   # peak memory of a 512 batch in passes of 64
     python scripts/benchmark.py --no-compile                       # eager, to compare
+    python scripts/benchmark.py --no-cuda-graphs                   # compiled, without CUDA graphs
     python scripts/benchmark.py --preset tiny --set dense_head=mlp --set pivots=none --device cpu --steps 3
 
 Prints the forward FLOPs per image of each top-level part of the model (PyTorch's FLOP counter on a CPU batch
@@ -84,7 +85,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (kernel selection, compilation)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the transformer blocks and the heads (default: on a GPU, as train.py)")
-    p.add_argument("--cuda-graphs", action="store_true", help="replay the compiled parts as CUDA graphs (as train.py)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                   help="replay the compiled parts as CUDA graphs (default: as train.py, where it works)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if problem := train.cuda_graphs_problem(args):

@@ -139,7 +139,9 @@ def run_variant(name, args, log):
     sets = [x for s in VARIANTS[name][1] for x in ("--set", s)]
     common = ["--data-dir", args.data_dir, "--preset", args.preset, "--out-dir", out, "--device", args.device,
               "--max-steps", "100000000", "--lr-schedule", "constant", "--log-every", str(args.log_every),
-              "--ckpt-every", "100000000", "--sample-every", "100000000", "--seed", "0", *args.train_flags, *sets]
+              "--ckpt-every", "100000000", "--sample-every", "100000000", "--seed", "0",
+              "--no-cuda-graphs",  # as the rows in REPORT.md were measured (--train-flags --cuda-graphs overrides it)
+              *args.train_flags, *sets]
     if name == "dit" and "--lr" not in args.train_flags:
         common += ["--lr", str(DIT_LR)]
     curve_cfg, cfgs = sweep_scales(name, args)
