@@ -570,6 +570,9 @@ def test_benchmark_accounts_for_the_whole_forward_pass_and_times_training(capsys
     with pytest.raises(SystemExit):
         benchmark.main(["--preset", "tiny", "--device", "cpu", "--cuda-graphs"])
     assert "--cuda-graphs replays compiled code on a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the imagenet64 recipe accumulates micro-batches
+        benchmark.main(["--preset", "imagenet64", "--device", "cuda", "--cuda-graphs"])
+    assert "--cuda-graphs does not work with gradient accumulation" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,device,mode", [

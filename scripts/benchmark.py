@@ -89,10 +89,10 @@ def main(argv=None):
                    help="replay the compiled parts as CUDA graphs (default: as train.py, where it works)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if problem := train.cuda_graphs_problem(args):
-        p.error(problem)
     args.batch_size = args.batch_size or train.RECIPES[args.preset]["batch_size"]
     args.micro_batch = args.micro_batch or train.RECIPES[args.preset]["micro_batch"]
+    if problem := train.cuda_graphs_problem(args):
+        p.error(problem)
     args.lr, args.weight_decay, args.grad_clip = 1e-4, 0.02, 3.0
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
