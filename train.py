@@ -727,7 +727,7 @@ def train(args, model_class=himar.HiMAR):
     with claim_run_folder(args) if main_process else contextlib.nullcontext():
         args, cfg, checkpoint = run_config(args, main_process)
         ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-        if device.type == "cpu" and main_process:
+        if device.type == "cpu" and main_process and args.device == "auto":
             print("warning: no CUDA GPU found, training on the CPU (slow; fine for --preset tiny)")
         if args.batch_size % world_size:
             raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
