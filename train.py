@@ -488,8 +488,7 @@ def compile_blocks(model, args, device):
     GPU run whose steps are one pass each), also replays them as CUDA graphs."""
     compiled = args.compile or (args.compile is None and device.type == "cuda")
     graphs = args.cuda_graphs or (args.cuda_graphs is None and compiled and device.type == "cuda" and not accumulates(args))
-    if graphs:  # torch's hint that some calls take its slower checked path (both phases call the blocks before
-        # one backward); measured whole, the step is still faster, so the hint is not printed at every run
+    if graphs:  # torch's hint that some calls take a slower, checked path; measured whole, the step is still faster
         warnings.filterwarnings("ignore", message="Unable to hit fast path of CUDAGraphs")
     if compiled:
         for module in model.modules():
