@@ -26,9 +26,12 @@ Shapes: B batch, Np pivot tokens, Nd dense tokens (Nd = 4 Np), D values per toke
 W transformer width, L sequence length.
 """
 
+import contextlib
 import math
 import os
 import pickle
+import re
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -63,17 +66,14 @@ class Sampling:
     def __post_init__(self):
         self.pivot_diffusion_steps = annealed_range(self.pivot_diffusion_steps)
         self.dense_diffusion_steps = annealed_range(self.dense_diffusion_steps)
-        checks = [
-            (self.pivot_steps >= 1, "pivot_steps must be at least 1"),
-            (self.dense_steps >= 1, "dense_steps must be at least 1"),
-            (self.pivot_cfg >= 0 and self.dense_cfg >= 0, "the guidance scales pivot_cfg and dense_cfg must be >= 0"),
-            (self.temperature > 0, "temperature must be > 0"),
-            (min(self.pivot_diffusion_steps + self.dense_diffusion_steps) >= 1, "diffusion steps must be at least 1"),
-            ({self.pivot_sampler, self.dense_sampler} <= set(SAMPLERS), f"the samplers must be one of {SAMPLERS}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"Sampling: {message}")
+        check_fields(self, [
+            (("pivot_steps", "dense_steps"), "at least 1", lambda v: is_whole(v) and v >= 1),
+            (("pivot_cfg", "dense_cfg"), "a finite number >= 0", lambda v: is_finite(v) and v >= 0),
+            (("temperature",), "a finite number > 0", lambda v: is_finite(v) and v > 0),
+            (("pivot_sampler", "dense_sampler"), f"one of the samplers {SAMPLERS}", lambda v: v in SAMPLERS),
+        ])
+        if min(self.pivot_diffusion_steps + self.dense_diffusion_steps) < 1:
+            raise ValueError("Sampling: diffusion steps must be at least 1")
 
     def check(self, cfg):
         """The limits that depend on the model: at most one generation step per token, at most T denoising steps."""
@@ -88,6 +88,26 @@ def annealed_range(steps):
     """Diffusion steps as a (first, last) pair: an int n means (n, n)."""
     first, last = (steps, steps) if isinstance(steps, int) else steps
     return int(first), int(last)
+
+
+def is_whole(value):
+    """An int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite(value):
+    """An int or float (not a bool) that is neither inf nor NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_fields(settings, rules):
+    """A ValueError naming the first field of `settings` (a Config or Sampling) that breaks its rule; rules are
+    (field names, what each must be, a test of its value)."""
+    for names, what, ok in rules:
+        for name in names:
+            value = getattr(settings, name)
+            if not ok(value):
+                raise ValueError(f"{type(settings).__name__}: {name} must be {what}, got {value!r}")
 
 
 @dataclass
@@ -120,7 +140,7 @@ class Config:
     mask_ratio_min: float = 0.7  # truncated normal mask ratio (phase 1, and MAR), mean 1
     mask_ratio_std: float = 0.25
     pivot_dropout_start: float = 1.0  # probability that phase 2 sees no pivots, lowered linearly ...
-    pivot_dropout_end: float = 0.5
+    pivot_dropout_end: float = 0.1  # (the reference: 0.75 or 0.5 over 800 epochs; a short run needs its pivots, REPORT.md)
     pivot_dropout_warmup: float = 0.125  # ... over this fraction of the run (the reference: 100 of 800 epochs)
     pivot_loss_weight: float = 2.0
     dense_loss_weight: float = 0.75
@@ -135,6 +155,21 @@ class Config:
     def __post_init__(self):
         if isinstance(self.sampling, dict):  # as read back from a checkpoint
             self.sampling = Sampling(**self.sampling)
+        # each field in its range first (a size of 0 would divide by zero below, a mask ratio above 1 never be drawn)
+        fraction = lambda v: is_finite(v) and 0 <= v <= 1
+        check_fields(self, [
+            (("image_size", "channels", "patch_size", "num_classes", "width", "depth", "num_heads", "buffer_tokens",
+              "mlp_head_width", "mlp_head_depth", "mlp_head_repeats", "dit_head_width", "dit_head_depth",
+              "dit_head_num_heads", "dit_head_repeats", "diffusion_steps"), "a whole number >= 1",
+             lambda v: is_whole(v) and v >= 1),
+            (("mlp_ratio",), "a finite number > 0", lambda v: is_finite(v) and v > 0),
+            (("dropout", "mask_ratio_min"), "a number in [0, 1)", lambda v: fraction(v) and v < 1),
+            (("class_dropout", "pivot_dropout_start", "pivot_dropout_end"), "a probability, in [0, 1]", fraction),
+            (("pivot_dropout_warmup",), "a fraction of the run, in [0, 1]", fraction),
+            (("mask_ratio_std", "pivot_loss_weight", "dense_loss_weight"), "a finite number >= 0",
+             lambda v: is_finite(v) and v >= 0),
+            (("scale_vector",), "True or False", lambda v: isinstance(v, bool)),
+        ])
         checks = [
             (self.pivots in ("none", "visual", "conditional"), "pivots must be 'none', 'visual' or 'conditional'"),
             (self.dense_head in ("mlp", "dit"), "dense_head must be 'mlp' or 'dit'"),
@@ -142,7 +177,6 @@ class Config:
             (self.image_size % (2 * self.patch_size) == 0, "image_size must be divisible by 2 * patch_size"),
             (self.width % self.num_heads == 0, "width must be divisible by num_heads"),
             (self.dit_head_width % self.dit_head_num_heads == 0, "dit_head_width must be divisible by dit_head_num_heads"),
-            (0 <= self.pivot_dropout_warmup <= 1, "pivot_dropout_warmup is a fraction of the run, in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -241,7 +275,8 @@ def mask_by_order(orders, num_masked):
 
 
 def truncated_normal_ratio(cfg):
-    """MAR's mask ratio: normal with mean 1 and std 0.25, cut to [mask_ratio_min, 1] (phase 1, and MAR)."""
+    """MAR's mask ratio: normal with mean 1 and std 0.25, cut to [mask_ratio_min, 1] (phase 1, and MAR). Drawn
+    until it falls in that range, which Config keeps non-empty (mask_ratio_min in [0, 1)), so the loop ends."""
     while True:
         r = 1.0 - cfg.mask_ratio_std * abs(torch.randn(()).item())
         if r >= cfg.mask_ratio_min:
@@ -632,11 +667,13 @@ class DiTHead(DiffusionHead):
         return self.input(x) + self.pos
 
     def loss(self, tokens, z, mask):
-        """Training loss: the whole map noised to one level per image, `repeats` times, averaged over the MASKED
-        tokens only, as the reference: the visible ones are given to the transformer, copying them teaches nothing."""
+        """Training loss: the whole map noised to one level per image, `repeats` times. Only the MASKED tokens count
+        (the visible ones are given to the transformer: copying them teaches nothing), and, as the reference, their
+        errors are averaged over the WHOLE map: an image counts by its masked fraction r, so a step that hides most
+        tokens (as the first sampling step does) weighs more than one that hides a few."""
         r = self.repeats
         loss = self.diffusion.loss(self, tokens.repeat(r, 1, 1), z.repeat(r, 1, 1))  # [r*B, N]
-        return masked_mean(loss, mask.repeat(r, 1))
+        return (loss * mask.repeat(r, 1)).mean()
 
     def sample(self, tokens, mask, reveal, z, z_null, cfg_scale, steps, sampler, temperature, generator):
         """One generation step: denoise the whole map, keeping the tokens revealed so far (~mask) by replacement at
@@ -767,31 +804,36 @@ class HiMAR(nn.Module):
 
     # --- training -----------------------------------------------------------------------------------
 
+    def drop_classes(self, labels):
+        """Labels [B] with each replaced by the null class with probability class_dropout (for classifier-free
+        guidance). Each phase draws its own, as the reference: phase 2 then learns its null-class branch mostly on
+        z_s made with the true class, which is what that branch reads at sampling (both branches share phase 1)."""
+        dropped = torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout
+        return torch.where(dropped, self.cfg.num_classes, labels)
+
     def forward(self, images, labels, pivot_dropout=0.0):
         """One training step's losses (both phases every step). images [B, C, H, W] in [-1, 1], labels [B].
         Returns (total loss, {"pivot": loss1, "dense": loss2}). pivot_dropout: see pivot_dropout_at()."""
         cfg = self.cfg
         B, device = images.shape[0], images.device
-        null = torch.full_like(labels, cfg.num_classes)
-        labels = torch.where(torch.rand(B, device=device) < cfg.class_dropout, null, labels)
         pivots, dense = tokenize(images, cfg.patch_size)  # [B, Np, D], [B, Nd, D]
 
         if cfg.pivots == "none":  # MAR: one phase over the dense tokens
             dense_mask = mask_by_order(random_orders(B, cfg.num_dense, device), num_to_mask(truncated_normal_ratio(cfg), cfg.num_dense))
-            z_dense = self.transformer(DENSE, labels, dense, dense_mask)
+            z_dense = self.transformer(DENSE, self.drop_classes(labels), dense, dense_mask)
             loss = self.dense_head.loss(dense, z_dense, dense_mask)
             return loss, {"dense": loss.detach()}
 
         # Phase 1: pivots. Truncated-normal mask ratio; every dense position is masked, so they are left out.
         pivot_mask = mask_by_order(random_orders(B, cfg.num_pivots, device), num_to_mask(truncated_normal_ratio(cfg), cfg.num_pivots))
-        z_pivot = self.transformer(PIVOT, labels, pivots, pivot_mask)  # z_s [B, Np, W]
+        z_pivot = self.transformer(PIVOT, self.drop_classes(labels), pivots, pivot_mask)  # z_s [B, Np, W]
         loss_pivot = self.pivot_head.loss(pivots, z_pivot, pivot_mask)
 
         # Phase 2: dense tokens, conditioned on the pivots (stop-grad phase-1 outputs). Cosine mask ratio.
         dropped = torch.rand(B, device=device) < pivot_dropout
         context = self.pivot_context(pivots, z_pivot, pivot_mask, dropped)
         dense_mask = mask_by_order(random_orders(B, cfg.num_dense, device), num_to_mask(cosine_ratio(), cfg.num_dense))
-        z_dense = self.transformer(DENSE, labels, dense, dense_mask, context)  # z_l [B, Nd, W]
+        z_dense = self.transformer(DENSE, self.drop_classes(labels), dense, dense_mask, context)  # z_l [B, Nd, W]
         loss_dense = self.dense_head.loss(dense, z_dense, dense_mask)
 
         # weights: 2.0 and 0.75, each times the phase's share of all tokens (as the reference code)
@@ -909,28 +951,72 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable, or made for another model."""
 
 
-TMP_PREFIX = ".tmp-"  # save_checkpoint's temporary files; a run removes those that a killed run left
+TMP_PREFIX = ".tmp-"  # the private folders that `written` writes in: .tmp-<pid>-<random>
 
 
-def save_checkpoint(path, checkpoint):
-    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`: a crash at any
-    point leaves the old file whole. The file gets the user's usual permissions (the umask's), not 0600."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=".pt")
+@contextlib.contextmanager
+def written(path):
+    """Write `path` whole or not at all. Yields a temporary path with the same file name, in a private folder (only
+    this user can write there, so nothing at that path can be a planted link) made next to `path`; once the caller
+    has written it, the file is flushed to disk, given the user's usual permissions (the umask's, not 0600) and
+    renamed over `path`. A crash at any point leaves the old file whole, and a link at `path` is replaced, never
+    written through. The private folders of writers that were killed are removed first."""
+    folder, name = os.path.split(os.path.abspath(path))
+    remove_stale_temporaries(folder)
+    private = tempfile.mkdtemp(dir=folder, prefix=f"{TMP_PREFIX}{os.getpid()}-")
+    tmp = os.path.join(private, name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder):
+    """Remove the private folders of `written` that a killed writer left in `folder`: those named after a process
+    that is no longer running."""
+    for name in os.listdir(folder):
+        found = re.fullmatch(rf"{re.escape(TMP_PREFIX)}(\d+)-\w+", name)
+        path = os.path.join(folder, name)
+        if found and os.path.isdir(path) and not os.path.islink(path) and not process_running(int(found[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def process_running(pid):
+    """Whether process `pid` runs on this machine (where that cannot be asked, as on Windows, assume it does)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # none; a number too large to be a pid
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def save_checkpoint(path, checkpoint, previous=None):
+    """torch.save through `written`: a crash at any point leaves the old file whole. With `previous`, the file that
+    was at `path` is kept under that name (a second name for it, or a copy where the file system has no links),
+    so a save of weights that had already gone bad can be rolled back."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with written(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+        if previous is not None and os.path.isfile(path):
+            with written(previous) as old:
+                try:
+                    os.link(path, old, follow_symlinks=False)
+                except OSError:  # no hard links on this file system
+                    shutil.copyfile(path, old)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -984,11 +1070,23 @@ def load_weights(model, checkpoint, key="model"):
     model.load_state_dict(checkpoint[key])
 
 
+def is_out_of_memory(error):
+    """Whether `error` says that memory could not be allocated (torch raises a plain RuntimeError on the CPU)."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+
+
 def model_from_checkpoint(path, device="cpu", key="ema"):
     """Rebuild a model from the file alone: its config, then its weights (EMA weights by default), which must be
     finite."""
     checkpoint = load_checkpoint(path, device)
-    model = HiMAR(config_from_checkpoint(checkpoint)).to(device)
+    cfg = config_from_checkpoint(checkpoint)
+    try:
+        model = HiMAR(cfg).to(device)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise CheckpointError(f"the model that {path}'s config describes (width {cfg.width}, depth {cfg.depth}) does "
+                              f"not fit in the memory of {device}: is it the right file?") from None
     load_weights(model, checkpoint, key if key in checkpoint else "model")
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise CheckpointError(f"{path} holds weights that are NaN or inf: it cannot generate images. Use an earlier "
@@ -1001,13 +1099,22 @@ def model_from_checkpoint(path, device="cpu", key="ema"):
 # ----------------------------------------------------------------------------------------------------
 
 
+class NonFiniteImages(ValueError):
+    """Generated images with NaN or inf values (diverged weights, or extreme sampling settings): never written."""
+
+
 def to_uint8(images):
-    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C] (numpy)."""
+    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C] (numpy); NonFiniteImages if any value is NaN or inf (which
+    would otherwise come out as black or white pixels that look like a picture)."""
+    bad = int((~torch.isfinite(images.float())).flatten(1).any(dim=1).sum())
+    if bad:
+        raise NonFiniteImages(f"{bad} of {len(images)} generated images hold NaN or inf values")
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(images, ncol, path, pad=2):
-    """Save images [N, C, H, W] in [-1, 1] as one PNG, ncol images per row, with white gaps."""
+    """Save images [N, C, H, W] in [-1, 1] as one PNG, ncol images per row, with white gaps; written whole (see
+    `written`), and not at all if an image holds NaN or inf (NonFiniteImages)."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -1018,4 +1125,5 @@ def save_grid(images, ncol, path, pad=2):
     for i, picture in enumerate(pictures):
         top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
         grid[top:top + h, left:left + w] = picture
-    plt.imsave(path, grid)
+    with written(path) as tmp:
+        plt.imsave(tmp, grid)

@@ -11,7 +11,9 @@
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import fields, replace
 
@@ -103,18 +105,31 @@ def keep_mask(region, image_size, patch_size):
     return tokens.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
 
 
-def read_image(path):
-    """The --edit picture as pixels in [-1, 1] (scaled as train.py scales its data), [1, 3, H, W]; a clear error
-    if it is missing or not an image."""
+@contextlib.contextmanager
+def opened_picture(path):
+    """The --edit picture, opened (PIL reads only its header until the pixels are asked for); a clear error if it is
+    missing, a folder or not an image."""
     from PIL import Image, UnidentifiedImageError
 
+    if os.path.isdir(path):
+        sys.exit(f"error: --edit {path} is a folder: give a picture file")
     if not os.path.isfile(path):
         sys.exit(f"error: --edit {path}: no such file")
     try:
         with Image.open(path) as picture:
-            pixels = np.array(picture.convert("RGB"))  # uint8 [H, W, 3]
-    except (UnidentifiedImageError, OSError) as e:
+            yield picture
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         sys.exit(f"error: --edit {path} could not be read as an image ({type(e).__name__}): give a PNG")
+
+
+def read_image(path, size):
+    """The --edit picture as pixels in [-1, 1] (scaled as train.py scales its data), [1, 3, H, W]; a clear error if it
+    is not size x size pixels (said before its pixels are decoded, however large it is)."""
+    with opened_picture(path) as picture:
+        if picture.size != (size, size):
+            sys.exit(f"error: --edit {path} is {picture.width}x{picture.height} pixels; this checkpoint's model "
+                     f"edits {size}x{size} images (resize or crop it first)")
+        pixels = np.array(picture.convert("RGB"))  # uint8 [H, W, 3]
     return torch.from_numpy(pixels).permute(2, 0, 1)[None].float().mul_(1 / 127.5).sub_(1.0)
 
 
@@ -252,11 +267,15 @@ def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         sys.exit(f"error: --device {name}: not a device; use cuda, cuda:N, cpu or auto")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"error: --device {name} asked for, but no CUDA GPU is available (use --device cpu)")
+    count = {"cpu": 1, "cuda": torch.cuda.device_count()}.get(device.type)
+    if count is not None and device.index is not None and device.index >= count:
+        sys.exit(f"error: --device {name}: there is no such device (this machine has {count} {device.type} "
+                 f"device(s), numbered from 0)")
     return name
 
 
@@ -268,6 +287,8 @@ def check_args(args):
     for name in ("per_class", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             sys.exit(f"error: --{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**63:
+        sys.exit(f"error: --seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
     if args.npz and args.num_images <= 0:
         sys.exit("error: --npz needs --num-images N (N > 0)")
     if args.num_images and not args.npz:
@@ -279,36 +300,27 @@ def check_args(args):
     if args.edit and (args.npz or args.per_class):
         sys.exit("error: --edit makes one edit per --labels class (repeat a class for more), in one grid: "
                  "it does not go with --npz or --per-class")
+    if args.edit:
+        with opened_picture(args.edit):  # its header only: is it a picture at all
+            pass
     for name, extensions in OUTPUTS.items():
         path = getattr(args, name)
         if not path:
             continue
         if not path.lower().endswith(extensions):
             sys.exit(f"error: --{name} {path}: the file name must end in {' or '.join(extensions)}")
+        if os.path.isdir(path):
+            sys.exit(f"error: --{name} {path} is a folder: give a file name (in that folder, say)")
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             sys.exit(f"error: cannot write {path}: the folder {folder} does not exist or is not writable")
-
-
-@contextlib.contextmanager
-def written(path):
-    """Write `path` through a temporary file in the same folder, renamed over it only when complete: a crash leaves
-    the earlier file (if any) whole. Yields the temporary path (with the same extension)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")  # made by the writer: the user's usual file mode
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_trajectory(frames, which, path):
     """The trajectory figure (or animation) of the samples `which` (their indices in the batch), written whole."""
     frames = [{**f, "image": f["image"][which], "mask": f["mask"][which]} for f in frames]
     verb = wrote(path)
-    with written(path) as tmp:
+    with himar.written(path) as tmp:
         trajectory_figure(frames, tmp, len(which))
     print(f"{verb} {path}: {len(frames)} steps")
 
@@ -322,15 +334,35 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     try:
-        run(args)
+        with stopped_like_ctrl_c():
+            run(args)
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"error: the GPU ran out of memory while sampling. Sample fewer images at once: a smaller --batch-size "
                  f"for --npz (now {args.batch_size}), a smaller --per-class for the grid, fewer --labels for edits.")
+    except himar.NonFiniteImages as e:
+        sys.exit(f"error: {e}, so they were not written. Lower --pivot-cfg, --dense-cfg or --temperature; or, if the "
+                 "checkpoint's weights had diverged, sample the run's checkpoint.prev.pt (the save before the last).")
+
+
+@contextlib.contextmanager
+def stopped_like_ctrl_c():
+    """SIGTERM and SIGHUP stop sampling as Ctrl-C does (KeyboardInterrupt), through the clean-ups of `himar.written`:
+    no temporary file is left behind."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # (Windows has no SIGHUP)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers live
+    previous = {name: signal.signal(getattr(signal, name), interrupt) for name in names} if in_main_thread else {}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def run(args):
     """Load the checkpoint, then write what the flags ask for: the grid and trajectory, the edits, the npz."""
-    image = read_image(args.edit) if args.edit else None  # [1, 3, H, W], read before the model loads
     device = pick_device(args.device)
     try:
         model = himar.model_from_checkpoint(args.ckpt, device, key=args.weights)
@@ -349,16 +381,13 @@ def run(args):
 
     if args.edit and (args.grid or args.trajectory):
         S = cfg.image_size
-        if image.shape[2:] != (S, S):
-            sys.exit(f"error: --edit {args.edit} is {image.shape[3]}x{image.shape[2]} pixels; this checkpoint's model "
-                     f"edits {S}x{S} images (resize or crop it first)")
+        image = read_image(args.edit, S)  # [1, 3, S, S]
         start = time.time()
         pictures, frames = edit_grid(model, image, keep_mask(args.keep, S, cfg.patch_size), labels, args.seed, device,
                                      sampling=sampling)
         if args.grid:
             verb = wrote(args.grid)
-            with written(args.grid) as tmp:
-                himar.save_grid(pictures, len(pictures), tmp)
+            himar.save_grid(pictures, len(pictures), args.grid)
             print(f"{verb} {args.grid}: {args.edit}, its kept {args.keep} region and an edit as each of classes "
                   f"{' '.join(map(str, labels))}, in {time.time() - start:.1f} s")
         if args.trajectory:
@@ -370,8 +399,7 @@ def run(args):
         images, frames = class_grid(model, rows, per_class, args.seed, device, sampling=sampling, trajectory=True)
         if args.grid:
             verb = wrote(args.grid)
-            with written(args.grid) as tmp:
-                himar.save_grid(images, per_class, tmp)
+            himar.save_grid(images, per_class, args.grid)
             print(f"{verb} {args.grid}: {len(rows)} classes x {per_class}, in {time.time() - start:.1f} s")
         if args.trajectory:
             first_of_each = list(range(0, min(4, len(rows)) * per_class, per_class))  # one sample of each of 4 classes
@@ -388,7 +416,7 @@ def run(args):
             chunks.append(himar.to_uint8(model.sample(batch, sampling, seed=args.seed + i)))
         seconds = time.time() - start
         verb = wrote(args.npz)
-        with written(args.npz) as tmp:
+        with himar.written(args.npz) as tmp:
             np.savez(tmp, arr_0=np.concatenate(chunks), arr_1=all_labels.numpy())
         print(f"{verb} {args.npz}: {args.num_images} images in {seconds:.1f} s ({args.num_images / seconds:.1f} images/s)")
 

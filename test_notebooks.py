@@ -37,7 +37,7 @@ def needs_notebook_tools():
 def test_the_notebooks_are_there():
     names = {os.path.basename(p) for p in NOTEBOOKS}
     assert {"01_tokens_and_pivots.ipynb", "02_hierarchical_unmasking.ipynb", "03_train_a_tiny_himar.ipynb",
-            "04_zero_shot_editing.ipynb"} <= names
+            "04_zero_shot_editing.ipynb", "05_one_training_step.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)

@@ -5,8 +5,8 @@
     python train.py --resume                               # continue runs/cifar10 where it stopped
     torchrun --nproc_per_node=4 train.py                   # several GPUs (DDP)
 
-Everything goes under --out-dir: checkpoint.pt (model, EMA, optimizer, step, config, RNG state),
-metrics.jsonl and loss.png, and sample grids of the EMA model (one row per class).
+Everything goes under --out-dir: checkpoint.pt (model, EMA, optimizer, step, config, RNG state) and the one saved
+before it, checkpoint.prev.pt; metrics.jsonl and loss.png; and sample grids of the EMA model (one row per class).
 """
 
 import argparse
@@ -53,6 +53,7 @@ IMAGENET_HINT = ("Get 'Imagenet64_train_npz' from the downsampled-image page of 
                  "(https://image-net.org/download-images.php, needs an account) and unpack it so that "
                  "{d} holds train_data_batch_1.npz ... train_data_batch_10.npz.")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+MAX_ASPECT = 16  # a folder's pictures: the long side at most this many times the short one
 
 
 class DataError(Exception):
@@ -70,8 +71,11 @@ def _reading(path, hint):
     """Turn any error raised while reading `path` into a DataError naming it."""
     try:
         yield
-    except (DataError, MemoryError):
+    except DataError:
         raise
+    except MemoryError as e:  # (numpy's _ArrayMemoryError too) a file whose header claims far more than it holds
+        raise DataError(f"Could not read {path}: it asks for more memory than this machine has ({e}), so it is likely "
+                        f"corrupt (its header claims more data than the file holds). {hint}") from e
     except Exception as e:
         raise DataError(f"Could not read {path}: it looks corrupt or truncated ({type(e).__name__}: {e}). {hint}") from e
 
@@ -164,8 +168,10 @@ def _load_cifar10(data_dir, image_size):
         with _reading(path, hint), open(path, "rb") as f:
             batch = CifarUnpickler(f, path, hint).load()
             data, y = batch[b"data"], np.asarray(batch[b"labels"], dtype=np.int64)
-            if data.dtype != np.uint8 or data.shape != (len(y), 3072) or (len(y) and not 0 <= y.min() <= y.max() < 10):
-                raise ValueError(f"expected uint8 data [N, 3072] and N labels in 0..9, got {data.dtype} {data.shape}")
+            if data.dtype != np.uint8 or data.shape != (len(y), 3072):
+                raise ValueError(f"expected uint8 data [N, 3072] for its {len(y)} labels, got {data.dtype} {data.shape}")
+            if len(y) and not 0 <= y.min() <= y.max() < 10:
+                raise ValueError(f"its labels must be classes 0..9, got {y.min()}..{y.max()}")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R,G,B planes -> HWC
         labels.append(y)
     return ImageData(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
@@ -197,16 +203,23 @@ def _load_imagenet64(data_dir, image_size, chunk=4096):
         with _reading(path, hint), zipfile.ZipFile(path) as zf:
             with zf.open("data.npy") as f:
                 shape, fortran, dtype = _npy_header(f)
-            with zf.open("labels.npy") as f:
-                y = np.lib.format.read_array(f).astype(np.int64)
+                header_bytes = f.tell()
             if dtype != np.uint8 or len(shape) != 2 or shape[1] != 3 * 64 * 64 or fortran:
                 raise ValueError(f"'data' is {dtype} {shape}, expected C-ordered uint8 (N, 12288)")
+            if header_bytes + shape[0] * shape[1] > zf.getinfo("data.npy").file_size:
+                raise ValueError(f"'data' claims {shape[0]} images, more than the file holds")
+            with zf.open("labels.npy") as f:
+                y = np.lib.format.read_array(f).astype(np.int64)
             if y.shape != shape[:1] or (len(y) and not 1 <= y.min() <= y.max() <= 1000):
                 raise ValueError(f"'labels' must be {shape[0]} ints in 1..1000")
         sizes.append(shape[0])
         labels.append(y - 1)  # the files count classes from 1
     # Pass 2: each file's pixels in chunks, R,G,B planes -> HWC on the way.
-    images = np.empty((sum(sizes), 64, 64, 3), dtype=np.uint8)
+    try:
+        images = np.empty((sum(sizes), 64, 64, 3), dtype=np.uint8)
+    except MemoryError:
+        raise DataError(f"The {sum(sizes)} images in {data_dir} need {sum(sizes) * 3 * 64 * 64 / 1e9:.1f} GB of memory, "
+                        "more than this machine can give.") from None
     pos = 0
     with tqdm(total=len(images), unit="img", desc="imagenet64") as bar:
         for path, n in zip(paths, sizes):
@@ -240,6 +253,9 @@ def _load_folder(data_dir, image_size):
     images = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(tqdm(files, unit="img", desc="images")):
         with _reading(path, "Delete or replace that file."), Image.open(path) as img:
+            if max(img.size) > MAX_ASPECT * min(img.size):  # (its size, from the header: nothing decoded yet)
+                raise DataError(f"{path} is {img.width}x{img.height} pixels: its center crop would keep less than "
+                                f"1/{MAX_ASPECT} of it (and enlarging it could take gigabytes). Delete or crop that file.")
             img = img.convert("RGB")
             scale = image_size / min(img.size)  # short side -> image_size (PIL antialiases when shrinking), center crop
             w, h = (max(image_size, round(side * scale)) for side in img.size)
@@ -353,6 +369,8 @@ def parse_args(argv=None):
                       ("ema_decay", "ema_decay"), ("micro_batch", "micro_batch")):
         if getattr(args, name) is None:
             setattr(args, name, recipe[key])
+    if "micro_batch" not in args.given and args.micro_batch is not None:  # the recipe's, for a smaller --batch-size
+        args.micro_batch = min(args.micro_batch, args.batch_size)
     args.out_dir = args.out_dir or os.path.join("runs", args.preset)
     check_args(args, p.error)
     return args
@@ -363,17 +381,23 @@ def check_args(args, error):
     for name in ("max_steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
         if getattr(args, name) <= 0:
             error(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}")
-    for name in ("lr", "grad_clip"):
-        if not getattr(args, name) > 0:  # also catches NaN
-            error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("grad_clip", "max_minutes"):
+        if getattr(args, name) is not None and not 0 < getattr(args, name) < math.inf:  # (NaN fails too)
+            error(f"--{name.replace('_', '-')} must be > 0 and finite, got {getattr(args, name)}")
+    if not 0 < args.lr <= 1:
+        error(f"--lr must be > 0 and at most 1 (AdamW moves every weight by about lr at each step), got {args.lr}")
     if args.micro_batch is not None and args.micro_batch <= 0:
         error(f"--micro-batch must be a positive whole number, got {args.micro_batch}")
-    if args.max_minutes is not None and not args.max_minutes > 0:
-        error(f"--max-minutes must be > 0, got {args.max_minutes}")
-    if args.warmup_steps < 0 or not args.weight_decay >= 0:
-        error("--warmup-steps and --weight-decay must be >= 0")
+    if args.micro_batch is not None and args.micro_batch > args.batch_size:
+        error(f"--micro-batch {args.micro_batch} is more than the batch (--batch-size {args.batch_size}): give at most that")
+    if args.warmup_steps < 0:
+        error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if not 0 <= args.weight_decay < math.inf:
+        error(f"--weight-decay must be >= 0 and finite, got {args.weight_decay}")
     if not 0 <= args.ema_decay < 1:
         error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not 0 <= args.seed < 2**63:
+        error(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
     if problem := cuda_graphs_problem(args):
         error(problem)
     if args.resume and args.overwrite:
@@ -405,9 +429,12 @@ def cuda_graphs_problem(args):
 def config_from_args(args):
     """The preset's config with the --set changes; a clear error for a combination the config rejects."""
     try:
-        return himar.preset(args.preset, **config_overrides(args.set))
+        cfg = himar.preset(args.preset, **config_overrides(args.set))
     except ValueError as e:  # e.g. a width that the number of heads does not divide
         raise SystemExit(f"error: --set: {e}") from None
+    if cfg.channels != 3:
+        raise SystemExit(f"error: --set channels={cfg.channels}: the data sets train.py reads are RGB, so channels must be 3")
+    return cfg
 
 
 def config_overrides(pairs):
@@ -426,7 +453,7 @@ def config_overrides(pairs):
         kind = type(defaults[name])
         try:
             if kind is bool:
-                overrides[name] = value.lower() in ("1", "true", "yes", "on")
+                overrides[name] = BOOLEANS[value.lower()]
             elif kind is tuple:  # the diffusion steps: "50" or "50,10" (first, last)
                 steps = tuple(int(v) for v in value.split(","))
                 if len(steps) > 2:
@@ -434,10 +461,13 @@ def config_overrides(pairs):
                 overrides[name] = steps if len(steps) == 2 else steps[0]
             else:
                 overrides[name] = kind(value)
-        except ValueError:
-            what = "number or a pair FIRST,LAST" if kind is tuple else kind.__name__
+        except (ValueError, KeyError):
+            what = {tuple: "number or a pair FIRST,LAST", bool: "true or false (or 1/0, yes/no, on/off)"}.get(kind, kind.__name__)
             raise SystemExit(f"error: --set {pair}: {name} must be a {what}") from None
     return overrides
+
+
+BOOLEANS = {word: True for word in ("1", "true", "yes", "on")} | {word: False for word in ("0", "false", "no", "off")}
 
 
 def learning_rate(args, step, progress):
@@ -546,38 +576,85 @@ def plot_losses(log_path, png_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(log_path)]
+    rows = read_metrics(log_path)
+    if not rows:
+        return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in ("loss", "pivot", "dense"):
         if key in rows[0]:
             ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
+    with himar.written(png_path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
+def read_metrics(log_path):
+    """The rows of metrics.jsonl (none if it does not exist). A line that is not a row, such as the end of a write
+    cut short by a full disk or a crash, is skipped: it never stops a resume."""
+    if not os.path.exists(log_path):
+        return []
+    rows = []
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
+
+
+def append_metrics(log_path, row):
+    """Add a row to metrics.jsonl in one write, never through a link; if the write fails part-way (a full disk) the
+    file is cut back to what it was, so no torn line is left."""
+    line = (json.dumps(row) + "\n").encode()
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(f"only part of a row could be written to {log_path}")
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
 class Interrupted(Exception):
-    """Training was asked to stop (Ctrl-C, SIGTERM) and saved its checkpoint first."""
+    """Training was asked to stop (Ctrl-C, SIGTERM, SIGHUP) and saved its checkpoint first."""
+
+
+class StoppedAtOnce(BaseException):
+    """A second stop request: training stops where it is, without saving. (A BaseException, as KeyboardInterrupt,
+    so that no `except Exception` on the way catches it.)"""
 
 
 class Stopping:
-    """Within `with stopping:`, SIGINT (Ctrl-C) and SIGTERM do not kill training: they ask it to finish the step it is
-    in, save a checkpoint and stop. A second Ctrl-C stops at once, as usual."""
+    """Within `with stopping:`, SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed) do not kill training: they
+    ask it to finish the step it is in, save a checkpoint and stop. A second request stops at once, without saving."""
 
+    SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])  # (Windows: none)
     signal = None
 
     def __enter__(self):
         self.signal, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in self.SIGNALS:
                 self.previous[s] = signal.signal(s, self._request)
         return self
 
     def _request(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+            raise StoppedAtOnce(name)
+        self.signal = name
+        with contextlib.suppress(OSError):  # (os.write: print could be in the middle of writing already)
+            os.write(2, f"\n{name}: finishing this step, then saving and stopping "
+                           "(ask again to stop at once, without saving)\n".encode())
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -597,12 +674,31 @@ def largest_on_any_rank(values, device, world_size):
 stopping = Stopping()
 
 
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # open() refuses a link at that name (Windows has no such flag)
+
+
+def run_files(out_dir):
+    """The names of the files that a run writes in out_dir and that are there now (links included)."""
+    names = ["checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "loss.png"]
+    return [n for n in names if os.path.lexists(os.path.join(out_dir, n))] + sorted(glob.glob("samples_*.png", root_dir=out_dir))
+
+
 def claim_run_folder(args):
-    """The main process's hold on --out-dir: an exclusive lock (a second run into the same folder stops, naming the
-    first); the temporary files of runs killed while saving removed; and a run there never overwritten by accident.
+    """The main process's hold on --out-dir: no link among the files a run writes (one could make it overwrite a file
+    elsewhere); an exclusive lock (a second run into the same folder stops, naming the first); the temporary files
+    of runs killed while saving removed; and a run there never overwritten or mixed with by accident.
     Returns the open lock file: the lock lasts until it is closed."""
-    os.makedirs(args.out_dir, exist_ok=True)
-    lock = open(os.path.join(args.out_dir, ".lock"), "a+")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        links = [n for n in [".lock", *run_files(args.out_dir)] if os.path.islink(os.path.join(args.out_dir, n))]
+        if links:
+            raise SystemExit(f"error: {os.path.join(args.out_dir, links[0])} is a link: a run writes only plain files "
+                             "in its folder (through a link it could overwrite a file elsewhere); remove it, or choose "
+                             "another --out-dir")
+        lock = os.fdopen(os.open(os.path.join(args.out_dir, ".lock"), os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666), "r+")
+    except OSError as e:  # a read-only place, a file of that name, ... (or a link made since the look above)
+        raise SystemExit(f"error: cannot use --out-dir {args.out_dir} as the run folder ({e.strerror or e}): "
+                         "choose a folder you can write in") from None
     if fcntl is not None:  # (Windows has no flock: no lock there)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -615,16 +711,19 @@ def claim_run_folder(args):
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
         lock.flush()
-    for tmp in glob.glob(os.path.join(args.out_dir, himar.TMP_PREFIX + "*.pt")):
+    himar.remove_stale_temporaries(args.out_dir)
+    for tmp in glob.glob(os.path.join(args.out_dir, himar.TMP_PREFIX + "*.pt")):  # as earlier versions named them
         os.remove(tmp)
-    if os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")) and not args.resume:
-        if not args.overwrite:
+    old = run_files(args.out_dir)
+    if old and not args.resume:
+        if not args.overwrite and "checkpoint.pt" in old:
             raise SystemExit(f"error: {args.out_dir} holds a run (checkpoint.pt): continue it with --resume, start afresh "
                              "there with --overwrite (which deletes it), or choose another --out-dir")
-        old = ["checkpoint.pt", "metrics.jsonl", "loss.png"] + glob.glob1(args.out_dir, "samples_*.png")
+        if not args.overwrite:
+            raise SystemExit(f"error: {args.out_dir} holds the files of a run that saved no checkpoint ({', '.join(old)}): "
+                             "start afresh there with --overwrite (which deletes them), or choose another --out-dir")
         for name in old:
-            if os.path.exists(os.path.join(args.out_dir, name)):
-                os.remove(os.path.join(args.out_dir, name))
+            os.remove(os.path.join(args.out_dir, name))
     return lock
 
 
@@ -647,11 +746,32 @@ def resumed_args(args, saved, verbose):
 
 
 def drop_rows_after(log_path, step):
-    """Keep the metrics of steps up to `step` (the checkpoint's): those past it are trained again after a resume."""
+    """Keep the metrics of steps up to `step` (the checkpoint's): those past it are trained again after a resume.
+    A line that is not a row (a write cut short) goes too."""
     if os.path.exists(log_path):
-        rows = [line for line in open(log_path) if line.strip() and json.loads(line)["step"] <= step]
-        with open(log_path, "w") as f:
-            f.writelines(rows)
+        rows = [row for row in read_metrics(log_path) if row["step"] <= step]
+        with himar.written(log_path) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def resume_problem(checkpoint):
+    """Why a checkpoint cannot be resumed (None if it can): what train.py saves besides the weights, each of its kind."""
+    if "optimizer" not in checkpoint:
+        return ("it holds no optimizer state (an exported checkpoint, or one written by an older version of himar); "
+                "it can still be sampled with sample.py")
+    step, rng = checkpoint.get("step"), checkpoint.get("rng")
+    if not (isinstance(step, int) and step >= 0):
+        return f"its step is {step!r}, not a whole number >= 0 (it was not written by train.py)"
+    if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), list) and rng["cpu"]
+            and all(torch.is_tensor(state) for state in rng["cpu"])):
+        return "it holds no random-number state (rng), which train.py saves (it was not written by train.py)"
+    return None
+
+
+def go_back_hint(out_dir):
+    """How to go back to the save before the last one of the run in out_dir ('' if it is not there)."""
+    checkpoint, previous = os.path.join(out_dir, "checkpoint.pt"), os.path.join(out_dir, "checkpoint.prev.pt")
+    return f" The save before it is kept: `mv {previous} {checkpoint}` goes back to it." if os.path.exists(previous) else ""
 
 
 def run_config(args, main_process):
@@ -662,13 +782,15 @@ def run_config(args, main_process):
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     try:
         checkpoint = himar.load_checkpoint(ckpt_path)
+        cfg = himar.config_from_checkpoint(checkpoint)
     except himar.CheckpointError as e:
-        raise SystemExit(f"error: cannot resume: {e}") from None
-    if "optimizer" not in checkpoint:
-        raise SystemExit(f"error: cannot resume {ckpt_path}: it holds no optimizer state (an exported checkpoint, "
-                         "or one written by an older version of himar); it can still be sampled with sample.py")
+        raise SystemExit(f"error: cannot resume: {e}.{go_back_hint(args.out_dir)}") from None
+    if problem := resume_problem(checkpoint):
+        raise SystemExit(f"error: cannot resume {ckpt_path}: {problem}")
     args = resumed_args(args, checkpoint.get("args", {}), main_process)
-    cfg = himar.config_from_checkpoint(checkpoint)
+    if "data_dir" not in args.given and not os.path.isdir(os.path.expanduser(args.data_dir)):
+        raise SystemExit(f"error: the run's data folder {args.data_dir} is not there any more: give its new place "
+                         "with --data-dir")
     if "set" in args.given and config_from_args(args) != cfg:
         raise SystemExit(f"error: --set changes the config of the run in {args.out_dir}; resume it without --set")
     if main_process:
@@ -702,6 +824,9 @@ def training_data(args, cfg, rank, world_size, device):
     if data.labels.max() >= cfg.num_classes:
         raise SystemExit(f"error: the data has {int(data.labels.max()) + 1} classes, the {args.preset} preset {cfg.num_classes}; "
                          f"use --set num_classes={int(data.labels.max()) + 1}")
+    if len(data.labels) // world_size < args.batch_size // world_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(data.labels)} images of the data set "
+                         f"(on {world_size} process(es)): lower it")
     if device.type == "cuda" and data.images.numel() < 2**31:  # small data sets live on the GPU
         data.images = data.images.to(device)
     return data
@@ -716,6 +841,25 @@ def restore(checkpoint, model, ema, optimizer, rank, device):
     if device.type == "cuda" and checkpoint["rng"].get("cuda"):
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
     return checkpoint["step"], checkpoint.get("train_seconds", 0.0)
+
+
+def saved_so_far(last_saved, ckpt_path):
+    """What a run that stops now has saved (last_saved: the step its checkpoint holds, None if none), and how to go on."""
+    if last_saved is None:
+        return "No checkpoint was saved: start again with --overwrite"
+    return f"Nothing after step {last_saved} was saved: {ckpt_path} holds step {last_saved}; continue from it with --resume"
+
+
+def diverged(what, last_saved, out_dir):
+    """The message of a run stopped by a NaN or inf, `what` says where. Weights can grow huge (but finite) before the
+    first NaN, so the last checkpoint is not known to be good: the one before it is kept, and the message says how
+    to go back to it."""
+    saved = saved_so_far(last_saved, os.path.join(out_dir, "checkpoint.pt"))
+    message = f"{what}. {saved}, with a lower --lr or a stronger --grad-clip."
+    if last_saved is not None:
+        message += " If the loss was already climbing before that step (see loss.png), its weights may be diverging."
+        message += go_back_hint(out_dir)
+    return message
 
 
 def train(args, model_class=himar.HiMAR):
@@ -734,14 +878,21 @@ def train(args, model_class=himar.HiMAR):
         torch.manual_seed(args.seed + rank)
         data = training_data(args, cfg, rank, world_size, device)
 
-        model = model_class(cfg).to(device)
-        ema = copy.deepcopy(model).requires_grad_(False)
+        try:
+            model = model_class(cfg).to(device)
+            ema = copy.deepcopy(model).requires_grad_(False)
+        except (RuntimeError, MemoryError) as e:
+            if not himar.is_out_of_memory(e):
+                raise
+            raise SystemExit(f"error: the model of this config (width {cfg.width}, depth {cfg.depth}) does not fit in the "
+                             f"memory of {device}: check the config (--set, or the run's checkpoint)") from None
         optimizer = make_optimizer(model, args)
         start_step, earlier_seconds = 0, 0.0  # where a resumed run starts, and how long it had trained
         if checkpoint is not None:
             start_step, earlier_seconds = restore(checkpoint, model, ema, optimizer, rank, device)
             if main_process:
                 print(f"resuming {ckpt_path} at step {start_step}")
+        last_saved = start_step if checkpoint is not None else None  # the step that checkpoint.pt holds
         step_model = model
         if world_size > 1:
             step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -759,20 +910,25 @@ def train(args, model_class=himar.HiMAR):
             return [t.cpu() for t in out]
 
         def save(step):
+            nonlocal last_saved
             if not all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()]):
-                raise TrainingStopped(f"the weights became NaN or inf before step {step}. The last good checkpoint ({ckpt_path}) "
-                                      "was not touched; resume it with a lower --lr or a stronger --grad-clip.")
+                raise TrainingStopped(diverged(f"the weights became NaN or inf before step {step}", last_saved, args.out_dir))
             rng = {"cpu": gathered(torch.get_rng_state()),
                    "cuda": gathered(torch.cuda.get_rng_state()) if device.type == "cuda" else []}
-            if main_process:
+            if main_process:  # the checkpoint it replaces is kept as checkpoint.prev.pt
                 himar.save_checkpoint(ckpt_path, {"config": asdict(cfg), "model": model.state_dict(), "ema": ema.state_dict(),
                                                   "optimizer": optimizer.state_dict(), "step": step, "rng": rng, "args": vars(args),
-                                                  "train_seconds": earlier_seconds + train_seconds})
+                                                  "train_seconds": earlier_seconds + train_seconds},
+                                      previous=os.path.join(args.out_dir, "checkpoint.prev.pt"))
+            last_saved = step
 
         def sample_grid(step):  # 8 samples of each of the first 10 classes, one row per class
             if main_process:
                 labels = torch.arange(min(10, cfg.num_classes), device=device).repeat_interleave(8)
-                himar.save_grid(ema.sample(labels, seed=0), 8, os.path.join(args.out_dir, f"samples_{step:07d}.png"))
+                try:
+                    himar.save_grid(ema.sample(labels, seed=0), 8, os.path.join(args.out_dir, f"samples_{step:07d}.png"))
+                except himar.NonFiniteImages as e:
+                    print(f"warning: no sample grid for step {step}: {e} (are the weights diverging? see loss.png)")
 
         # the loop
         local_batch = args.batch_size // world_size
@@ -811,9 +967,8 @@ def train(args, model_class=himar.HiMAR):
 
             if done % args.log_every == 0 or done == args.max_steps or done % args.ckpt_every == 0 or interrupted or out_of_time:
                 if bad.item():  # stop before anything non-finite reaches a checkpoint
-                    raise TrainingStopped(
-                        f"the loss or its gradient became NaN or inf between step {done - count + 1} and {done}. The last good "
-                        f"checkpoint ({ckpt_path}) was not touched; resume it with a lower --lr or a stronger --grad-clip.")
+                    raise TrainingStopped(diverged(f"the loss or its gradient became NaN or inf between step "
+                                                   f"{done - count + 1} and {done}", last_saved, args.out_dir))
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.time() - timer_start
@@ -821,17 +976,20 @@ def train(args, model_class=himar.HiMAR):
                 means = {k: (v / count).item() for k, v in sums.items()}
                 row = {"step": done, **means, "lr": lr, "images_per_s": count * args.batch_size / elapsed,
                        "minutes": (earlier_seconds + train_seconds) / 60}  # training time of the whole run so far
-                if main_process:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
-                    budget = {"min": f"{row['minutes']:.1f}/{args.max_minutes:g}"} if args.max_minutes else {}  # the time budget's progress
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"} | budget)
                 sums, count = {}, 0
-                if done % args.sample_every == 0 or done == args.max_steps or out_of_time:
-                    sample_grid(done)
-                if done % args.ckpt_every == 0 or done == args.max_steps or out_of_time or interrupted:
-                    save(done)
+                try:
+                    if main_process:
+                        append_metrics(log_path, row)
+                        plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
+                        budget = {"min": f"{row['minutes']:.1f}/{args.max_minutes:g}"} if args.max_minutes else {}  # the time budget's progress
+                        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"} | budget)
+                    if done % args.sample_every == 0 or done == args.max_steps or out_of_time:
+                        sample_grid(done)
+                    if done % args.ckpt_every == 0 or done == args.max_steps or out_of_time or interrupted:
+                        save(done)
+                except OSError as e:  # a full disk, a folder gone read-only: the checkpoint it replaced is whole
+                    raise TrainingStopped(f"could not write in {args.out_dir} after step {done} ({e.strerror or e}): make "
+                                          f"room there. {saved_so_far(last_saved, ckpt_path)}.") from None
                 if interrupted:
                     raise Interrupted(f"{stopping.signal}: stopped after step {done} and saved {ckpt_path}; "
                                       "continue the run with --resume")
@@ -856,6 +1014,9 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     except Interrupted as e:
         print(e, file=sys.stderr)
+        raise SystemExit(130) from None
+    except StoppedAtOnce as e:
+        print(f"{e} again: stopped at once, without saving; --resume continues from the last checkpoint", file=sys.stderr)
         raise SystemExit(130) from None
 
 

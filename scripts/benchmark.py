@@ -5,17 +5,21 @@
     python scripts/benchmark.py --no-compile                       # eager, to compare
     python scripts/benchmark.py --no-cuda-graphs                   # compiled, without CUDA graphs
     python scripts/benchmark.py --preset tiny --set dense_head=mlp --set pivots=none --device cpu --steps 3
+    python scripts/benchmark.py --profile                          # where a GPU step's time goes (torch.profiler)
 
 Prints the forward FLOPs per image of each top-level part of the model (PyTorch's FLOP counter on a CPU batch
 of 4, attention counted through the math kernel), the FLOPs of one training step per image, then times
 --steps training steps of random images (after --warmup untimed ones) with train.py's training_step: images/s,
-TFLOP/s achieved, and the peak GPU memory.
+TFLOP/s achieved, and the peak GPU memory. --profile then traces a few more steps: how much of a step the GPU is
+busy running kernels, and that time by kind of kernel.
 """
 
 import argparse
 import contextlib
+import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -75,6 +79,46 @@ def throughput(model, args, device):
     return args.steps * args.batch_size / (time.time() - start)
 
 
+def kernel_kind(name):
+    """The kind of a GPU kernel, from its name: attention, a matrix product, a fused elementwise kernel written by
+    torch.compile (Triton), or other."""
+    if any(key in name for key in ("sdpa", "flash", "fmha", "attention", "cudnn")):
+        return "attention"
+    if name.startswith(("nvjet", "sm90_xmma", "sm80_xmma", "cutlass", "ampere")) or "gemm" in name:
+        return "matrix products"
+    return "fused elementwise (Triton)" if name.startswith("triton") else "other"
+
+
+def profile_steps(model, args, device, steps=6):
+    """Trace `steps` training steps (after throughput's): (wall ms per step, GPU-busy ms per step, {kind: ms per
+    step}). Busy time is the union of the kernels' intervals, so kernels that overlap count once."""
+    from torch.profiler import ProfilerActivity, profile
+    optimizer = train.make_optimizer(model, args)
+    cfg = model.cfg
+    images = torch.rand(args.batch_size, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    labels = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
+    for _ in range(3):  # this optimizer's first steps
+        train.training_step(model, optimizer, images, labels, 0.5, args.grad_clip, args.micro_batch)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+        start = time.time()
+        for _ in range(steps):
+            train.training_step(model, optimizer, images, labels, 0.5, args.grad_clip, args.micro_batch)
+        torch.cuda.synchronize()
+        wall = (time.time() - start) / steps * 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        trace.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json")) as f:
+            events = json.load(f)["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
+    busy, end, kinds = 0.0, float("-inf"), {}
+    for start_us, end_us, name in kernels:
+        busy += max(0.0, end_us - max(start_us, end))
+        end = max(end, end_us)
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + (end_us - start_us) / 1000 / steps
+    return wall, busy / 1000 / steps, dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cifar10", choices=list(himar.PRESETS))
@@ -88,7 +132,10 @@ def main(argv=None):
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
                    help="replay the compiled parts as CUDA graphs (default: as train.py, where it works)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true", help="trace a few steps on the GPU: where a step's time goes")
     args = p.parse_args(argv)
+    if args.profile and (args.steps == 0 or not args.device.startswith("cuda")):
+        p.error("--profile traces training steps on a GPU: it needs --steps > 0 and a CUDA --device")
     args.batch_size = args.batch_size or train.RECIPES[args.preset]["batch_size"]
     args.micro_batch = args.micro_batch or train.RECIPES[args.preset]["micro_batch"]
     if problem := train.cuda_graphs_problem(args):
@@ -113,6 +160,12 @@ def main(argv=None):
         passes = f" in micro-batches of {args.micro_batch}" if args.micro_batch else ""
         print(f"training: batch {args.batch_size}{passes}, {rate:.0f} images/s, {rate * per_image / 1e12:.1f} TFLOP/s{memory}")
         result["images_per_s"] = rate
+    if args.profile:
+        wall, busy, kinds = profile_steps(model, args, device)
+        print(f"profile: {wall:.1f} ms per step, the GPU busy running kernels {busy:.1f} ms of it ({100 * busy / wall:.0f}%)")
+        for kind, ms in kinds.items():
+            print(f"  {kind:<28} {ms:6.1f} ms per step")
+        result["profile"] = {"wall_ms": wall, "busy_ms": busy, "kinds_ms": kinds}
     return result
 
 
