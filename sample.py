@@ -20,12 +20,14 @@ from dataclasses import fields, replace
 import numpy as np
 import torch
 
+import checkpoints
+import pictures
 import himar
 
 SHIPPED_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "himar_cifar10.pt")
 
 
-# ----- pictures -----
+# ----- what to sample, and what to keep of a picture to edit -----
 
 
 def class_grid(model, labels, per_class, seed, device, **settings):
@@ -35,58 +37,7 @@ def class_grid(model, labels, per_class, seed, device, **settings):
     return model.sample(rows.to(device), seed=seed, **settings)
 
 
-def trajectory_figure(frames, path, num_show):
-    """The two-phase unmasking as one figure: a row per sample, a column per step. Phase 1 shows the pivot
-    image (upsampled 2x), phase 2 the dense image; tokens not yet revealed are magenta, those revealed at that
-    step outlined in yellow. A .gif path also writes an animation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pivot_frames = [{**f, "step": k + 1} for k, f in enumerate(f for f in frames if f["phase"] == "pivot")]
-    dense_frames = [{**f, "step": k + 1} for k, f in enumerate(f for f in frames if f["phase"] == "dense")]
-    if len(pivot_frames) > 16:  # a long phase 1 is shown at 16 evenly spaced steps, its last one included
-        keep = {round(i * (len(pivot_frames) - 1) / 15) for i in range(16)}
-        pivot_frames = [f for i, f in enumerate(pivot_frames) if i in keep]
-    frames = pivot_frames + dense_frames
-    pictures = [unmasked_picture(f)[:num_show] for f in frames]  # each [S, H, W, 3] uint8
-    steps = len(frames)
-    fig, axes = plt.subplots(num_show, steps, figsize=(1.1 * steps, 1.15 * num_show + 0.3), squeeze=False)
-    for j, frame in enumerate(frames):
-        side = frame["mask"].shape[-1]
-        for i in range(num_show):
-            ax = axes[i, j]
-            ax.imshow(pictures[j][i], interpolation="nearest")
-            if frame["revealed"][i].sum() <= side * side // 8:  # outlines for a few tokens; not over a whole region
-                outline_revealed(ax, frame["revealed"][i], pictures[j].shape[1] // side)
-            ax.set_xticks([]), ax.set_yticks([])
-        title = "pivots" if frame["phase"] == "pivot" else "dense"
-        axes[0, j].set_title(f"{title} {frame['step']}", fontsize=7)
-    fig.tight_layout(pad=0.3)
-    if path.endswith(".gif"):
-        from matplotlib.animation import FuncAnimation, PillowWriter
-
-        plt.close(fig)
-        fig, axes = plt.subplots(1, num_show, figsize=(1.3 * num_show, 1.5), squeeze=False)
-        artists = [axes[0, i].imshow(pictures[0][i], interpolation="nearest") for i in range(num_show)]
-        for ax in axes[0]:
-            ax.set_xticks([]), ax.set_yticks([])
-
-        def show(j):
-            for i, artist in enumerate(artists):
-                artist.set_data(pictures[j][i])
-            fig.suptitle(f"{frames[j]['phase']} step", fontsize=8)
-            return artists
-
-        FuncAnimation(fig, show, frames=steps, interval=400).save(path, writer=PillowWriter(fps=3))
-    else:
-        fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 KEEP_REGIONS = ("left", "right", "top", "bottom", "center", "border")
-MAGENTA = torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1)  # tokens not given or not yet revealed, in the pictures
 
 
 def keep_mask(region, image_size, patch_size):
@@ -141,65 +92,8 @@ def edit_grid(model, image, keep, labels, seed, device, **settings):
     edits, frames = model.sample(torch.tensor(labels, device=device), seed=seed, trajectory=True,
                                  known_images=image.to(device).expand(batch, -1, -1, -1),
                                  known_mask=keep.to(device).expand(batch, -1, -1), **settings)
-    kept = torch.where(keep, image, MAGENTA)
+    kept = torch.where(keep, image, pictures.MAGENTA)
     return torch.cat([image, kept, edits.cpu()]), frames
-
-
-def masked(images, masks):
-    """Images [B, C, h, w] with the tokens where masks [B, h/p, w/p] are True painted magenta."""
-    p = images.shape[-1] // masks.shape[-1]
-    hidden = masks.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None]  # [B, 1, h, w]
-    return torch.where(hidden, MAGENTA, images)
-
-
-def unmasked_picture(frame):
-    """A trajectory frame as uint8 pictures [B, H, W, 3] at full size: masked tokens magenta, pivots upsampled."""
-    image = masked(frame["image"], frame["mask"])  # [B, 3, h, w]
-    if frame["phase"] == "pivot":
-        image = image.repeat_interleave(2, 2).repeat_interleave(2, 3)
-    return himar.to_uint8(image)
-
-
-def picture(image, mask=None):
-    """One image [C, h, w] in [-1, 1] as [h, w, 3] values in [0, 1] for matplotlib's imshow; with a token mask
-    [h/p, w/p] (True = not yet revealed), those tokens magenta. The notebooks draw with it."""
-    if mask is not None:
-        image = masked(image[None], mask[None])[0]
-    return ((image.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
-
-
-def outline_revealed(ax, revealed, pixels_per_token):
-    """Outline in yellow, on an imshow axis, the tokens revealed at this step (revealed [h/p, w/p] bool)."""
-    from matplotlib.patches import Rectangle
-
-    s = pixels_per_token
-    for row, col in revealed.nonzero().tolist():
-        ax.add_patch(Rectangle((col * s - 0.5, row * s - 0.5), s, s, fill=False, edgecolor="yellow", linewidth=0.9))
-
-
-def show_grid(rows, titles=None, row_names=None, size=1.2):
-    """The notebooks' image grid: rows of images [C, h, w] in [-1, 1] (lists, or batches [n, C, h, w]) drawn with
-    picture; `titles` over the top row (one per column) or over every image (one list per row); `row_names` on the
-    left. Text is black, at size 8. Returns the matplotlib axes [rows, columns]."""
-    import matplotlib.pyplot as plt
-
-    columns = max(len(row) for row in rows)
-    every_image = titles is not None and isinstance(titles[0], (list, tuple))
-    fig, axes = plt.subplots(len(rows), columns, figsize=(size * columns + (1.2 if row_names else 0.2),
-                                                          (size + (0.2 if titles else 0.05)) * len(rows)), squeeze=False)
-    for r, row in enumerate(rows):
-        for c, ax in enumerate(axes[r]):
-            ax.set_xticks([]), ax.set_yticks([])
-            if c >= len(row):  # a shorter row: blank
-                ax.axis("off")
-                continue
-            ax.imshow(picture(row[c]), interpolation="nearest")
-            if titles is not None and (every_image or r == 0):
-                ax.set_title((titles[r] if every_image else titles)[c], fontsize=8, pad=2)
-        if row_names:
-            axes[r, 0].set_ylabel(row_names[r], fontsize=8, rotation=0, ha="right", va="center")
-    fig.tight_layout(pad=0.3)
-    return axes
 
 
 # ----- command line -----
@@ -320,8 +214,8 @@ def write_trajectory(frames, which, path):
     """The trajectory figure (or animation) of the samples `which` (their indices in the batch), written whole."""
     frames = [{**f, "image": f["image"][which], "mask": f["mask"][which]} for f in frames]
     verb = wrote(path)
-    with himar.written(path) as tmp:
-        trajectory_figure(frames, tmp, len(which))
+    with checkpoints.written(path) as tmp:
+        pictures.trajectory_figure(frames, tmp, len(which))
     print(f"{verb} {path}: {len(frames)} steps")
 
 
@@ -339,14 +233,14 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"error: the GPU ran out of memory while sampling. Sample fewer images at once: a smaller --batch-size "
                  f"for --npz (now {args.batch_size}), a smaller --per-class for the grid, fewer --labels for edits.")
-    except himar.NonFiniteImages as e:
+    except pictures.NonFiniteImages as e:
         sys.exit(f"error: {e}, so they were not written. Lower --pivot-cfg, --dense-cfg or --temperature; or, if the "
                  "checkpoint's weights had diverged, sample the run's checkpoint.prev.pt (the save before the last).")
 
 
 @contextlib.contextmanager
 def stopped_like_ctrl_c():
-    """SIGTERM and SIGHUP stop sampling as Ctrl-C does (KeyboardInterrupt), through the clean-ups of `himar.written`:
+    """SIGTERM and SIGHUP stop sampling as Ctrl-C does (KeyboardInterrupt), through the clean-ups of `checkpoints.written`:
     no temporary file is left behind."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -365,8 +259,8 @@ def run(args):
     """Load the checkpoint, then write what the flags ask for: the grid and trajectory, the edits, the npz."""
     device = pick_device(args.device)
     try:
-        model = himar.model_from_checkpoint(args.ckpt, device, key=args.weights)
-    except himar.CheckpointError as e:
+        model = checkpoints.load_model(args.ckpt, device, key=args.weights)
+    except checkpoints.CheckpointError as e:
         hint = "\n(the shipped model is checkpoints/himar_cifar10.pt in the repository)" if args.ckpt == SHIPPED_CHECKPOINT else ""
         sys.exit(f"error: {e}{hint}")
     cfg = model.cfg
@@ -383,11 +277,11 @@ def run(args):
         S = cfg.image_size
         image = read_image(args.edit, S)  # [1, 3, S, S]
         start = time.time()
-        pictures, frames = edit_grid(model, image, keep_mask(args.keep, S, cfg.patch_size), labels, args.seed, device,
-                                     sampling=sampling)
+        grid, frames = edit_grid(model, image, keep_mask(args.keep, S, cfg.patch_size), labels, args.seed, device,
+                                 sampling=sampling)
         if args.grid:
             verb = wrote(args.grid)
-            himar.save_grid(pictures, len(pictures), args.grid)
+            pictures.save_grid(grid, len(grid), args.grid)
             print(f"{verb} {args.grid}: {args.edit}, its kept {args.keep} region and an edit as each of classes "
                   f"{' '.join(map(str, labels))}, in {time.time() - start:.1f} s")
         if args.trajectory:
@@ -399,7 +293,7 @@ def run(args):
         images, frames = class_grid(model, rows, per_class, args.seed, device, sampling=sampling, trajectory=True)
         if args.grid:
             verb = wrote(args.grid)
-            himar.save_grid(images, per_class, args.grid)
+            pictures.save_grid(images, per_class, args.grid)
             print(f"{verb} {args.grid}: {len(rows)} classes x {per_class}, in {time.time() - start:.1f} s")
         if args.trajectory:
             first_of_each = list(range(0, min(4, len(rows)) * per_class, per_class))  # one sample of each of 4 classes
@@ -413,10 +307,10 @@ def run(args):
         start = time.time()
         for i in tqdm(range(0, args.num_images, args.batch_size), desc="sampling", unit="batch"):
             batch = all_labels[i:i + args.batch_size].to(device)
-            chunks.append(himar.to_uint8(model.sample(batch, sampling, seed=args.seed + i)))
+            chunks.append(pictures.to_uint8(model.sample(batch, sampling, seed=args.seed + i)))
         seconds = time.time() - start
         verb = wrote(args.npz)
-        with himar.written(args.npz) as tmp:
+        with checkpoints.written(args.npz) as tmp:
             np.savez(tmp, arr_0=np.concatenate(chunks), arr_1=all_labels.numpy())
         print(f"{verb} {args.npz}: {args.num_images} images in {seconds:.1f} s ({args.num_images / seconds:.1f} images/s)")
 

@@ -12,298 +12,30 @@ before it, checkpoint.prev.pt; metrics.jsonl and loss.png; and sample grids of t
 import argparse
 import copy
 import contextlib
-import functools
 import glob
-import hashlib
-import http.client
 import json
 import math
 import os
-import pickle
-import re
 import signal
 import socket
 import sys
-import tarfile
 import threading
 import time
-import urllib.request
 import warnings
-import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+import checkpoints
 import himar
+import pictures
+from data import DataError, batch_at, load_dataset
 
 try:
     import fcntl
 except ImportError:
     fcntl = None
-
-# ----- Data: a loader per data set, each returning the whole training set in memory -----
-
-CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)]
-IMAGENET_HINT = ("Get 'Imagenet64_train_npz' from the downsampled-image page of image-net.org "
-                 "(https://image-net.org/download-images.php, needs an account) and unpack it so that "
-                 "{d} holds train_data_batch_1.npz ... train_data_batch_10.npz.")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-MAX_ASPECT = 16  # a folder's pictures: the long side at most this many times the short one
-
-
-class DataError(Exception):
-    """A data set is missing or broken; the message says what to do about it."""
-
-
-@dataclass
-class ImageData:
-    images: torch.Tensor  # uint8 [N, H, W, 3], channel-last
-    labels: torch.Tensor  # int64 [N]
-
-
-@contextlib.contextmanager
-def _reading(path, hint):
-    """Turn any error raised while reading `path` into a DataError naming it."""
-    try:
-        yield
-    except DataError:
-        raise
-    except MemoryError as e:  # (numpy's _ArrayMemoryError too) a file whose header claims far more than it holds
-        raise DataError(f"Could not read {path}: it asks for more memory than this machine has ({e}), so it is likely "
-                        f"corrupt (its header claims more data than the file holds). {hint}") from e
-    except Exception as e:
-        raise DataError(f"Could not read {path}: it looks corrupt or truncated ({type(e).__name__}: {e}). {hint}") from e
-
-
-def load_dataset(name: str, data_dir: str, image_size: int) -> ImageData:
-    """The whole training set as uint8 images [N, H, W, 3] and int64 labels [N].
-
-    'cifar10':    data_dir contains cifar-10-batches-py/ (downloaded there if missing); image_size 32.
-    'imagenet64': data_dir holds the train_data_batch_*.npz files of ImageNet 64x64; image_size 64.
-    'folder':     data_dir/<class_name>/*.png|jpg|jpeg, resized and center-cropped to image_size.
-    """
-    loaders = {"cifar10": _load_cifar10, "imagenet64": _load_imagenet64, "folder": _load_folder}
-    if name not in loaders:
-        raise DataError(f"Unknown dataset {name!r}; choose one of: {', '.join(loaders)}.")
-    return loaders[name](os.path.expanduser(data_dir), image_size)
-
-
-# CIFAR-10: data_dir contains cifar-10-batches-py/, as in torchvision.
-def _download(url, path):
-    """Fetch `url` into `path` with a progress bar; a broken download leaves no `path` behind."""
-    part = path + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
-            with tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                      desc=os.path.basename(path)) as bar:
-                while chunk := r.read(1 << 20):
-                    bar.update(f.write(chunk))
-        os.replace(part, path)
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
-
-
-def _fetch_cifar10(data_dir, folder):
-    """Download, check and unpack the official archive so that `folder` exists."""
-    archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
-    how = (f"To install it by hand, download {CIFAR_URL} and unpack it in {data_dir} "
-           f"(tar xzf cifar-10-python.tar.gz), so that {folder} holds {', '.join(CIFAR_FILES)}.")
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-        if not os.path.exists(archive):
-            _download(CIFAR_URL, archive)
-    except (OSError, http.client.HTTPException) as e:
-        raise DataError(f"CIFAR-10 is not in {folder} and downloading it failed ({e}). {how}") from e
-    with open(archive, "rb") as f:
-        md5 = hashlib.file_digest(f, "md5").hexdigest()
-    if md5 != CIFAR_MD5:
-        os.remove(archive)
-        raise DataError(f"{archive} has md5 {md5}, not {CIFAR_MD5}: it is not the CIFAR-10 archive "
-                        f"(or was damaged), so it was deleted. Run again to download it afresh. {how}")
-    with _reading(archive, how), tarfile.open(archive) as tar:
-        tar.extractall(data_dir, filter="data")  # the "data" filter refuses paths leaving data_dir
-
-
-class CifarUnpickler(pickle.Unpickler):
-    """Reads the official CIFAR-10 pickles (Python 2 pickles of dicts, lists, bytes and numpy arrays) and nothing
-    else: an object of any other kind, which unpickling would build and which could run code, is refused."""
-
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
-        (f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")}
-
-    def __init__(self, f, path, hint):
-        super().__init__(f, encoding="bytes")
-        self.path, self.hint = path, hint
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise DataError(f"{self.path} is not an official CIFAR-10 file: it holds a {module}.{name} object, so it "
-                            f"was not read (loading it could run code). {self.hint}")
-        return super().find_class(module, name)
-
-
-def _load_cifar10(data_dir, image_size):
-    if image_size != 32:
-        raise DataError(f"CIFAR-10 images are 32x32, so image_size must be 32 (got {image_size}); "
-                        "use the 'folder' dataset to train at other sizes.")
-    folder = os.path.join(data_dir, "cifar-10-batches-py")
-    if not os.path.isdir(folder) and os.path.isfile(os.path.join(data_dir, "data_batch_1")):
-        raise DataError(f"data_dir must be the folder that CONTAINS cifar-10-batches-py/: pass "
-                        f"{os.path.dirname(os.path.abspath(data_dir))} instead of {data_dir}.")
-    if not os.path.isdir(folder):
-        _fetch_cifar10(data_dir, folder)
-    hint = f"Replace it: delete {folder} and run again to download it, or unpack {CIFAR_URL} there."
-    images, labels = [], []
-    for name in CIFAR_FILES:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise DataError(f"{folder} lacks {name}. Delete the folder and run again to download it, "
-                            f"or unpack {CIFAR_URL} into {data_dir} by hand.")
-        with _reading(path, hint), open(path, "rb") as f:
-            batch = CifarUnpickler(f, path, hint).load()
-            data, y = batch[b"data"], np.asarray(batch[b"labels"], dtype=np.int64)
-            if data.dtype != np.uint8 or data.shape != (len(y), 3072):
-                raise ValueError(f"expected uint8 data [N, 3072] for its {len(y)} labels, got {data.dtype} {data.shape}")
-            if len(y) and not 0 <= y.min() <= y.max() < 10:
-                raise ValueError(f"its labels must be classes 0..9, got {y.min()}..{y.max()}")
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R,G,B planes -> HWC
-        labels.append(y)
-    return ImageData(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
-
-
-# ImageNet 64x64 (Chrabaszcz et al. 2017): data_dir holds train_data_batch_<k>.npz, pixels in R,G,B planes.
-def _npy_header(f):
-    """(shape, fortran_order, dtype) of the .npy stream `f`, leaving `f` at the start of the data."""
-    version = np.lib.format.read_magic(f)
-    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in read:
-        raise ValueError(f"unsupported .npy version {version}")
-    return read[version](f)
-
-
-def _load_imagenet64(data_dir, image_size, chunk=4096):
-    if image_size != 64:
-        raise DataError(f"ImageNet 64x64 images are 64x64, so image_size must be 64 (got {image_size}); "
-                        "use the 'folder' dataset to train at other sizes.")
-    hint = IMAGENET_HINT.format(d=data_dir)
-    names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
-    found = {int(m[1]): f for f in names if (m := re.fullmatch(r"train_data_batch_(\d+)\.npz", f))}
-    paths = [os.path.join(data_dir, found[k]) for k in sorted(found)]  # by number: 2 before 10
-    if not paths:
-        raise DataError(f"No train_data_batch_*.npz files in {data_dir}. {hint}")
-    # Pass 1: shapes and labels only, so the pixels can go straight into one preallocated array (no second copy).
-    sizes, labels = [], []
-    for path in paths:
-        with _reading(path, hint), zipfile.ZipFile(path) as zf:
-            with zf.open("data.npy") as f:
-                shape, fortran, dtype = _npy_header(f)
-                header_bytes = f.tell()
-            if dtype != np.uint8 or len(shape) != 2 or shape[1] != 3 * 64 * 64 or fortran:
-                raise ValueError(f"'data' is {dtype} {shape}, expected C-ordered uint8 (N, 12288)")
-            if header_bytes + shape[0] * shape[1] > zf.getinfo("data.npy").file_size:
-                raise ValueError(f"'data' claims {shape[0]} images, more than the file holds")
-            with zf.open("labels.npy") as f:
-                y = np.lib.format.read_array(f).astype(np.int64)
-            if y.shape != shape[:1] or (len(y) and not 1 <= y.min() <= y.max() <= 1000):
-                raise ValueError(f"'labels' must be {shape[0]} ints in 1..1000")
-        sizes.append(shape[0])
-        labels.append(y - 1)  # the files count classes from 1
-    # Pass 2: each file's pixels in chunks, R,G,B planes -> HWC on the way.
-    try:
-        images = np.empty((sum(sizes), 64, 64, 3), dtype=np.uint8)
-    except MemoryError:
-        raise DataError(f"The {sum(sizes)} images in {data_dir} need {sum(sizes) * 3 * 64 * 64 / 1e9:.1f} GB of memory, "
-                        "more than this machine can give.") from None
-    pos = 0
-    with tqdm(total=len(images), unit="img", desc="imagenet64") as bar:
-        for path, n in zip(paths, sizes):
-            with _reading(path, hint), zipfile.ZipFile(path) as zf, zf.open("data.npy") as f:
-                _npy_header(f)
-                for k in [min(chunk, n - s) for s in range(0, n, chunk)]:
-                    buf = f.read(k * 3 * 64 * 64)
-                    if len(buf) != k * 3 * 64 * 64:
-                        raise ValueError("'data' ends early")
-                    images[pos:pos + k] = np.frombuffer(buf, np.uint8).reshape(k, 3, 64, 64).transpose(0, 2, 3, 1)
-                    pos += k
-                    bar.update(k)
-    return ImageData(torch.from_numpy(images), torch.from_numpy(np.concatenate(labels)))
-
-
-# Image folder: data_dir/<class_name>/*.png|jpg|jpeg, classes sorted by name.
-def _load_folder(data_dir, image_size):
-    layout = "Expected data_dir/<class_name>/<image>.png|.jpg|.jpeg, one sub-folder per class."
-    if not os.path.isdir(data_dir):
-        raise DataError(f"{data_dir} is not a folder. {layout}")
-    classes = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith("."))
-    if not classes:
-        raise DataError(f"{data_dir} has no class sub-folders. {layout}")
-    files = []
-    for label, c in enumerate(classes):
-        names = sorted(f for f in os.listdir(os.path.join(data_dir, c))
-                       if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))  # not macOS's ._x.jpg
-        if not names:
-            raise DataError(f"Class folder {os.path.join(data_dir, c)} holds no images. {layout}")
-        files += [(os.path.join(data_dir, c, f), label) for f in names]
-    images = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
-    for i, (path, _) in enumerate(tqdm(files, unit="img", desc="images")):
-        with _reading(path, "Delete or replace that file."), Image.open(path) as img:
-            if max(img.size) > MAX_ASPECT * min(img.size):  # (its size, from the header: nothing decoded yet)
-                raise DataError(f"{path} is {img.width}x{img.height} pixels: its center crop would keep less than "
-                                f"1/{MAX_ASPECT} of it (and enlarging it could take gigabytes). Delete or crop that file.")
-            img = img.convert("RGB")
-            scale = image_size / min(img.size)  # short side -> image_size (PIL antialiases when shrinking), center crop
-            w, h = (max(image_size, round(side * scale)) for side in img.size)
-            img = img.resize((w, h), Image.Resampling.BICUBIC) if (w, h) != img.size else img
-            left, top = (w - image_size) // 2, (h - image_size) // 2
-            images[i] = np.asarray(img.crop((left, top, left + image_size, top + image_size)))
-    return ImageData(torch.from_numpy(images), torch.tensor([label for _, label in files], dtype=torch.int64))
-
-
-# Batches: a pure function of (seed, step, rank, world_size), so a resumed run needs no loader state.
-def _mix(*ints):
-    """A well-spread 63-bit seed from non-negative ints."""
-    return int(np.random.SeedSequence(ints).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_shard(seed, epoch, rank, world_size, n, device):
-    """This rank's indices for `epoch`: every world_size-th entry of one shared permutation."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, 0, epoch)))
-    return perm[rank:(n // world_size) * world_size:world_size].to(device)
-
-
-def batch_at(data: ImageData, step: int, batch_size: int, seed: int, device,
-             rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training batch of `step` for `rank`: images float [B, 3, H, W] in [-1, 1] and labels int64 [B],
-    on `device`. Epochs are fresh permutations, each rank takes its own shard, the last incomplete batch
-    is dropped, and half the images (on average) are flipped horizontally."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    device = torch.device(device)
-    per_epoch = len(data.images) // world_size // batch_size
-    if per_epoch == 0:
-        raise DataError(f"{len(data.images)} images cannot fill one batch of {batch_size} on each of "
-                        f"{world_size} rank(s); lower batch_size.")
-    epoch, i = divmod(step, per_epoch)
-    rows = slice(i * batch_size, (i + 1) * batch_size)
-    # Index where the data lives (the shard is cached there), then move only the batch.
-    idx = _epoch_shard(seed, epoch, rank, world_size, len(data.images), data.images.device)[rows]
-    x = data.images[idx].to(device, non_blocking=True)
-    y = data.labels[_epoch_shard(seed, epoch, rank, world_size, len(data.labels), data.labels.device)[rows]]
-    flip = torch.rand(batch_size, generator=torch.Generator().manual_seed(_mix(seed, 1, step, rank))) < 0.5
-    flip = flip.to(device, non_blocking=True).view(-1, 1, 1, 1)
-    x = torch.where(flip, x.flip(2), x)  # x is [B, H, W, 3]: dim 2 is the width
-    # Multiply by the float32 reciprocal, as CUDA's division by a scalar does: same bits on CPU and GPU.
-    x = x.permute(0, 3, 1, 2).contiguous().float().mul_(1 / 127.5).sub_(1.0)
-    return x, y.to(device, non_blocking=True)
-
-# ----- Training -----
 
 # How long each preset trains when --max-steps is not given, and its EMA decay (reached at the end of the warm-up).
 # micro_batch: images per forward/backward pass on a GPU (None: the whole batch); imagenet64's 512 do not fit at once.
@@ -315,8 +47,590 @@ RECIPES = {
 }
 
 
+def train(args, model_class=himar.HiMAR):
+    """Train model_class(cfg) (Hi-MAR, or another model with the same forward and sample) as args say: the run folder,
+    the config and the data, the model with its EMA copy and optimizer (restored when resuming), then the loop."""
+    rank, world_size, device = setup_distributed(args)
+    with claim_run_folder(args) if rank == 0 else contextlib.nullcontext():  # locked while the run lasts
+        args, cfg, checkpoint = run_config(args, main_process=rank == 0)
+        data = training_data(args, cfg, rank, world_size, device)
+        model, ema, optimizer = build(model_class, cfg, args, device, rank)
+        run = Run(args, cfg, model, ema, optimizer, rank, world_size, device, checkpoint, len(data.labels))
+        step_model = model if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        compile_blocks(model, args, device)
+
+        # the loop: one optimizer step per batch; the run logs, samples, saves and stops when its flags say so
+        for step in run.steps():  # from the checkpoint's step (0 for a new run) to --max-steps
+            images, labels = batch_at(data, step, args.batch_size // world_size, args.seed, device, rank, world_size)
+            progress = run_progress(args, step, run.seconds)  # 0 to 1: the lr and the pivot dropout follow it
+            lr = set_learning_rate(optimizer, learning_rate(args, step, progress))
+            with run.out_of_memory_advice(step):
+                loss, parts, grad_norm = training_step(step_model, optimizer, images, labels,
+                                                       himar.pivot_dropout_at(cfg, progress), args.grad_clip, args.micro_batch)
+            update_ema(ema, model, ema_decay_at(args, step))
+            run.record(step, lr, loss, parts, grad_norm)
+            if run.log_sample_save():  # every --log-every, --sample-every, --ckpt-every; True at the end of --max-minutes
+                break
+        run.finish()
+
+
+# ----- The step: the optimizer's update on one batch, the learning rate, the EMA, compilation -----
+
+
+def training_step(step_model, optimizer, images, labels, pivot_dropout, grad_clip, micro_batch=None):
+    """One optimizer step on a batch (bf16 autocast on a GPU), in micro-batches of at most micro_batch images
+    (gradient accumulation): each micro-batch's loss counts by its share of the batch, so their gradients add up to
+    the batch's, and the update is the batch's in less memory. (Hi-MAR draws one mask ratio per forward pass, so
+    its micro-batches draw several where the whole batch draws one: the same update in expectation.)
+    Returns the loss, its parts and the gradient norm before clipping, all still on the device (not synchronised)."""
+    size = micro_batch or len(images)
+    chunks = list(zip(images.split(size), labels.split(size)))
+    optimizer.zero_grad(set_to_none=True)
+    loss, parts = 0.0, {}
+    for k, (x, y) in enumerate(chunks):
+        share = len(x) / len(images)
+        # under DDP the gradients are averaged across the GPUs once, in the backward pass of the last micro-batch
+        accumulate_only = k < len(chunks) - 1 and hasattr(step_model, "no_sync")
+        with step_model.no_sync() if accumulate_only else contextlib.nullcontext():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+                part, part_parts = step_model(x, y, pivot_dropout=pivot_dropout)
+            (part * share).backward()
+        loss = loss + part.detach() * share
+        parts = {key: parts.get(key, 0.0) + value * share for key, value in part_parts.items()}
+    grad_norm = torch.nn.utils.clip_grad_norm_(step_model.parameters(), grad_clip)
+    optimizer.step()
+    return loss, parts, grad_norm
+
+
+def learning_rate(args, step, progress):
+    """Linear warm-up over the first steps, then constant or cosine decay to 10% of the peak by the end of the run;
+    progress (0 to 1) is how far through the run this step is (see run_progress)."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def set_learning_rate(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def run_progress(args, step, seconds):
+    """How far through the run (0 to 1) a step is: by steps, or by training time when --max-minutes ends the run
+    first. The learning rate's decay and the pivot dropout's schedule follow it."""
+    progress = step / args.max_steps
+    if args.max_minutes is not None:
+        progress = max(progress, seconds / (60 * args.max_minutes))
+    return progress
+
+
+def ema_decay_at(args, step):
+    """The EMA decay rises linearly from 0 over the learning-rate warm-up (early weights are soon forgotten), then
+    stays at --ema-decay."""
+    return args.ema_decay * min(1.0, step / max(1, args.warmup_steps))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, every parameter in one multi-tensor call (a GPU step is bound by
+    launching kernels: one per parameter would be 219 for cifar10)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def make_optimizer(model, args):
+    """AdamW (0.9, 0.95). Weight decay on the weight matrices of linear layers only: none on embeddings (classes,
+    positions, the mask token, the placeholder), norms, biases and the scale-aware blocks' modulation."""
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    decay = [p for p in model.parameters() if id(p) in matrices]
+    other = [p for p in model.parameters() if id(p) not in matrices]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
+
+
+def build(model_class, cfg, args, device, rank):
+    """The model (its initial weights drawn from --seed, and each rank's random numbers from its own seed), its EMA
+    copy (the weights that sample) and the optimizer; a clear error if the model does not fit."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed + rank)
+    try:
+        model = model_class(cfg).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False)
+    except (RuntimeError, MemoryError) as e:
+        if not checkpoints.is_out_of_memory(e):
+            raise
+        raise SystemExit(f"error: the model of this config (width {cfg.width}, depth {cfg.depth}) does not fit in the "
+                         f"memory of {device}: check the config (--set, or the run's checkpoint)") from None
+    return model, ema, make_optimizer(model, args)
+
+
+def compile_blocks(model, args, device):
+    """torch.compile the transformer blocks and the heads, where the work is (the step's own logic stays eager).
+    --compile is on by default on a GPU and off on a CPU; --cuda-graphs, on by default where it works (a compiled
+    GPU run whose steps are one pass each), also replays them as CUDA graphs."""
+    compiled = args.compile or (args.compile is None and device.type == "cuda")
+    graphs = args.cuda_graphs or (args.cuda_graphs is None and compiled and device.type == "cuda" and not accumulates(args))
+    if graphs:  # torch's hint that some calls take a slower, checked path; measured whole, the step is still faster
+        warnings.filterwarnings("ignore", message="Unable to hit fast path of CUDAGraphs")
+    if compiled:
+        for module in model.modules():
+            if isinstance(module, (himar.ScaleAwareBlock, himar.DiffusionHead)):
+                module.compile(mode="reduce-overhead" if graphs else None)
+
+
+# ----- The loop's bookkeeping: logs, saves, sample grids, and the ways a run stops -----
+
+
+class Run:
+    """The loop's bookkeeping, so that the loop reads as the training: the clock and the stop requests (agreed on by
+    every rank), the sums of the losses for the log, a flag for any NaN or inf, and what the run writes in --out-dir:
+    metrics.jsonl and loss.png, the sample grids of the EMA model, and the checkpoint (checkpoint.prev.pt keeps the
+    one before). Nothing non-finite is ever saved, and every way the run can stop says what was saved and what to do."""
+
+    def __init__(self, args, cfg, model, ema, optimizer, rank, world_size, device, checkpoint, num_images):
+        self.args, self.cfg, self.model, self.ema, self.optimizer = args, cfg, model, ema, optimizer
+        self.num_images = num_images
+        self.rank, self.world_size, self.device, self.main = rank, world_size, device, rank == 0
+        self.ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+        self.log_path = os.path.join(args.out_dir, "metrics.jsonl")
+        self.start_step, self.earlier_seconds = 0, 0.0  # where a resumed run starts, and how long it had trained
+        if checkpoint is not None:
+            self.start_step, self.earlier_seconds = restore(checkpoint, model, ema, optimizer, rank, device)
+            if self.main:
+                print(f"resuming {self.ckpt_path} at step {self.start_step}")
+        self.last_saved = self.start_step if checkpoint is not None else None  # the step that checkpoint.pt holds
+        self.done = self.start_step  # steps done
+        self.seconds = self.earlier_seconds  # training time of the whole run so far, read at every step
+        self.train_seconds = 0.0  # ... of this process, up to the last log
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient since the last log
+        self.sums, self.count = {}, 0
+        self.interrupted = self.out_of_time = False
+
+    def steps(self):
+        """The steps left, with a progress bar; the clock starts now."""
+        args = self.args
+        if self.main:
+            name = "Hi-MAR" if type(self.model) is himar.HiMAR else type(self.model).__name__  # e.g. the ablation's DiT
+            print(f"{name} {args.preset}: {self.model.num_params() / 1e6:.2f}M parameters; "
+                  f"{self.num_images} images, batch {args.batch_size} on {self.world_size} x {self.device}")
+        self.bar = tqdm(range(self.start_step, args.max_steps), initial=self.start_step, total=args.max_steps,
+                        disable=not self.main, desc="training")
+        self.timer_start = time.time()
+        return self.bar
+
+    @contextlib.contextmanager
+    def out_of_memory_advice(self, step):
+        """A GPU out of memory stops the run with the flags that fit: fewer images per forward pass."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError:
+            args = self.args
+            images = args.micro_batch or args.batch_size // self.world_size
+            again = f"--resume --micro-batch {max(1, images // 2)}" if os.path.exists(self.ckpt_path) else f"--micro-batch {max(1, images // 2)}"
+            raise TrainingStopped(
+                f"the GPU ran out of memory at step {step + 1}, with {images} images per forward pass. Run again with "
+                f"fewer ({again}): the update stays that of --batch-size {args.batch_size}, it only takes longer.") from None
+
+    def record(self, step, lr, loss, parts, grad_norm):
+        """Add a step's losses to the log's sums (on the device: no wait for the GPU), note any NaN or inf, and read
+        the clock and the stop requests, the same on every rank."""
+        self.lr = lr
+        self.bad |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+        for key, value in {"loss": loss, **parts}.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.float()
+        self.count += 1
+        self.done = step + 1
+        signalled, self.seconds = largest_on_any_rank(
+            [float(stopping.signal is not None), self.earlier_seconds + self.train_seconds + time.time() - self.timer_start],
+            self.device, self.world_size)
+        self.interrupted = signalled > 0  # Ctrl-C, SIGTERM or SIGHUP on any rank: finish this step, save, exit
+        self.out_of_time = self.args.max_minutes is not None and self.seconds >= 60 * self.args.max_minutes
+
+    def log_sample_save(self):
+        """Every --log-every steps a row of metrics.jsonl (and loss.png), every --sample-every a grid, every
+        --ckpt-every a checkpoint; all three at the end, at a stop request (then Interrupted) and at the end of
+        --max-minutes (then True: the loop ends)."""
+        args, done = self.args, self.done
+        last = done == args.max_steps or self.interrupted or self.out_of_time
+        if not (last or done % args.log_every == 0 or done % args.ckpt_every == 0):
+            return False
+        if self.bad.item():  # stop before anything non-finite reaches a checkpoint
+            raise TrainingStopped(diverged(f"the loss or its gradient became NaN or inf between step "
+                                           f"{done - self.count + 1} and {done}", self.last_saved, args.out_dir))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.time() - self.timer_start
+        self.train_seconds += elapsed
+        means = {k: (v / self.count).item() for k, v in self.sums.items()}
+        row = {"step": done, **means, "lr": self.lr, "images_per_s": self.count * args.batch_size / elapsed,
+               "minutes": (self.earlier_seconds + self.train_seconds) / 60}  # training time of the whole run so far
+        self.sums, self.count = {}, 0
+        try:
+            if self.main:
+                append_metrics(self.log_path, row)
+                plot_losses(self.log_path, os.path.join(args.out_dir, "loss.png"))
+                budget = {"min": f"{row['minutes']:.1f}/{args.max_minutes:g}"} if args.max_minutes else {}  # the time budget's progress
+                self.bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{self.lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"} | budget)
+            if done % args.sample_every == 0 or done == args.max_steps or self.out_of_time:
+                self.sample_grid()
+            if done % args.ckpt_every == 0 or last:
+                self.save()
+        except OSError as e:  # a full disk, a folder gone read-only: the checkpoint it replaced is whole
+            raise TrainingStopped(f"could not write in {args.out_dir} after step {done} ({e.strerror or e}): make "
+                                  f"room there. {saved_so_far(self.last_saved, self.ckpt_path)}.") from None
+        if self.interrupted:
+            raise Interrupted(f"{stopping.signal}: stopped after step {done} and saved {self.ckpt_path}; "
+                              "continue the run with --resume")
+        self.timer_start = time.time()
+        if self.out_of_time and self.main:
+            print(f"stopping after {(self.earlier_seconds + self.train_seconds) / 60:.2f} minutes of training (--max-minutes)")
+        return self.out_of_time
+
+    def save(self):
+        """The checkpoint: weights, EMA, optimizer, step, every rank's random state, the run's settings and time."""
+        model, ema, step = self.model, self.ema, self.done
+        if not all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()]):
+            raise TrainingStopped(diverged(f"the weights became NaN or inf before step {step}", self.last_saved, self.args.out_dir))
+        rng = {"cpu": self.gathered(torch.get_rng_state()),
+               "cuda": self.gathered(torch.cuda.get_rng_state()) if self.device.type == "cuda" else []}
+        if self.main:  # the checkpoint it replaces is kept as checkpoint.prev.pt
+            checkpoints.save_checkpoint(self.ckpt_path, himar.to_checkpoint(
+                self.cfg, model=model.state_dict(), ema=ema.state_dict(), optimizer=self.optimizer.state_dict(), step=step,
+                rng=rng, args=vars(self.args), train_seconds=self.earlier_seconds + self.train_seconds),
+                previous=os.path.join(self.args.out_dir, "checkpoint.prev.pt"))
+        self.last_saved = step
+
+    def gathered(self, tensor):
+        """Every rank's copy of a tensor (for the checkpoint's random states)."""
+        if self.world_size == 1:
+            return [tensor]
+        out = [torch.zeros_like(tensor, device=self.device) for _ in range(self.world_size)]  # NCCL: all on the GPU
+        torch.distributed.all_gather(out, tensor.to(self.device))
+        return [t.cpu() for t in out]
+
+    def sample_grid(self):
+        """8 samples of the EMA model for each of the first 10 classes, one row per class: samples_<step>.png."""
+        if self.main:
+            labels = torch.arange(min(10, self.cfg.num_classes), device=self.device).repeat_interleave(8)
+            try:
+                pictures.save_grid(self.ema.sample(labels, seed=0), 8, os.path.join(self.args.out_dir, f"samples_{self.done:07d}.png"))
+            except pictures.NonFiniteImages as e:
+                print(f"warning: no sample grid for step {self.done}: {e} (are the weights diverging? see loss.png)")
+
+    def finish(self):
+        if self.main and self.train_seconds > 0:
+            print(f"trained {self.done - self.start_step} steps in {self.train_seconds / 60:.1f} min: "
+                  f"{(self.done - self.start_step) * self.args.batch_size / self.train_seconds:.0f} images/s "
+                  "(scripts/benchmark.py: FLOPs and TFLOP/s)")
+        if self.world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
 class TrainingStopped(Exception):
     """The run cannot go on (a NaN loss, a checkpoint that does not fit): the message says why and what to do."""
+
+
+class Interrupted(Exception):
+    """Training was asked to stop (Ctrl-C, SIGTERM, SIGHUP) and saved its checkpoint first."""
+
+
+class StoppedAtOnce(BaseException):
+    """A second stop request: training stops where it is, without saving. (A BaseException, as KeyboardInterrupt,
+    so that no `except Exception` on the way catches it.)"""
+
+
+class Stopping:
+    """Within `with stopping:`, SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed) do not kill training: they
+    ask it to finish the step it is in, save a checkpoint and stop. A second request stops at once, without saving."""
+
+    SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])  # (Windows: none)
+    signal = None
+
+    def __enter__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            raise StoppedAtOnce(name)
+        self.signal = name
+        with contextlib.suppress(OSError):  # (os.write: print could be in the middle of writing already)
+            os.write(2, f"\n{name}: finishing this step, then saving and stopping "
+                           "(ask again to stop at once, without saving)\n".encode())
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+stopping = Stopping()
+
+
+def largest_on_any_rank(values, device, world_size):
+    """Each of the numbers `values` as its maximum over the ranks: under DDP every rank then takes the same branch
+    (stop, save) and the same learning rate at the same step."""
+    if world_size == 1:
+        return values
+    values = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return values.tolist()
+
+
+def saved_so_far(last_saved, ckpt_path):
+    """What a run that stops now has saved (last_saved: the step its checkpoint holds, None if none), and how to go on."""
+    if last_saved is None:
+        return "No checkpoint was saved: start again with --overwrite"
+    return f"Nothing after step {last_saved} was saved: {ckpt_path} holds step {last_saved}; continue from it with --resume"
+
+
+def diverged(what, last_saved, out_dir):
+    """The message of a run stopped by a NaN or inf, `what` says where. Weights can grow huge (but finite) before the
+    first NaN, so the last checkpoint is not known to be good: the one before it is kept, and the message says how
+    to go back to it."""
+    saved = saved_so_far(last_saved, os.path.join(out_dir, "checkpoint.pt"))
+    message = f"{what}. {saved}, with a lower --lr or a stronger --grad-clip."
+    if last_saved is not None:
+        message += " If the loss was already climbing before that step (see loss.png), its weights may be diverging."
+        message += go_back_hint(out_dir)
+    return message
+
+
+def read_metrics(log_path):
+    """The rows of metrics.jsonl (none if it does not exist). A line that is not a row, such as the end of a write
+    cut short by a full disk or a crash, is skipped: it never stops a resume."""
+    if not os.path.exists(log_path):
+        return []
+    rows = []
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
+
+
+def append_metrics(log_path, row):
+    """Add a row to metrics.jsonl in one write, never through a link; if the write fails part-way (a full disk) the
+    file is cut back to what it was, so no torn line is left."""
+    line = (json.dumps(row) + "\n").encode()
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(f"only part of a row could be written to {log_path}")
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def plot_losses(log_path, png_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(log_path)
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "pivot", "dense"):
+        if key in rows[0]:
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with checkpoints.written(png_path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+def drop_rows_after(log_path, step):
+    """Keep the metrics of steps up to `step` (the checkpoint's): those past it are trained again after a resume.
+    A line that is not a row (a write cut short) goes too."""
+    if os.path.exists(log_path):
+        rows = [row for row in read_metrics(log_path) if row["step"] <= step]
+        with checkpoints.written(log_path) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+# ----- The run folder, resuming, and the data -----
+
+
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # open() refuses a link at that name (Windows has no such flag)
+
+
+def run_files(out_dir):
+    """The names of the files that a run writes in out_dir and that are there now (links included)."""
+    names = ["checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "loss.png"]
+    return [n for n in names if os.path.lexists(os.path.join(out_dir, n))] + sorted(glob.glob("samples_*.png", root_dir=out_dir))
+
+
+def claim_run_folder(args):
+    """The main process's hold on --out-dir: no link among the files a run writes (one could make it overwrite a file
+    elsewhere); an exclusive lock (a second run into the same folder stops, naming the first); the temporary files
+    of runs killed while saving removed; and a run there never overwritten or mixed with by accident.
+    Returns the open lock file: the lock lasts until it is closed."""
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        links = [n for n in [".lock", *run_files(args.out_dir)] if os.path.islink(os.path.join(args.out_dir, n))]
+        if links:
+            raise SystemExit(f"error: {os.path.join(args.out_dir, links[0])} is a link: a run writes only plain files "
+                             "in its folder (through a link it could overwrite a file elsewhere); remove it, or choose "
+                             "another --out-dir")
+        lock = os.fdopen(os.open(os.path.join(args.out_dir, ".lock"), os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666), "r+")
+    except OSError as e:  # a read-only place, a file of that name, ... (or a link made since the look above)
+        raise SystemExit(f"error: cannot use --out-dir {args.out_dir} as the run folder ({e.strerror or e}): "
+                         "choose a folder you can write in") from None
+    if fcntl is not None:  # (Windows has no flock: no lock there)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise SystemExit(f"error: {args.out_dir} is in use by another training run ({holder}); "
+                             "wait for it to end, or choose another --out-dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+    checkpoints.remove_stale_temporaries(args.out_dir)
+    for tmp in glob.glob(os.path.join(args.out_dir, checkpoints.TMP_PREFIX + "*.pt")):  # as earlier versions named them
+        os.remove(tmp)
+    old = run_files(args.out_dir)
+    if old and not args.resume:
+        if not args.overwrite and "checkpoint.pt" in old:
+            raise SystemExit(f"error: {args.out_dir} holds a run (checkpoint.pt): continue it with --resume, start afresh "
+                             "there with --overwrite (which deletes it), or choose another --out-dir")
+        if not args.overwrite:
+            raise SystemExit(f"error: {args.out_dir} holds the files of a run that saved no checkpoint ({', '.join(old)}): "
+                             "start afresh there with --overwrite (which deletes them), or choose another --out-dir")
+        for name in old:
+            os.remove(os.path.join(args.out_dir, name))
+    return lock
+
+
+def run_config(args, main_process):
+    """The run's settings and model config: from the checkpoint when resuming (with the run's own settings, and
+    the checkpoint itself returned), else from the preset and --set (and no checkpoint)."""
+    if not args.resume:
+        return args, config_from_args(args), None
+    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    try:
+        checkpoint = checkpoints.load_checkpoint(ckpt_path)
+        cfg = checkpoints.config_from_checkpoint(checkpoint)
+    except checkpoints.CheckpointError as e:
+        raise SystemExit(f"error: cannot resume: {e}.{go_back_hint(args.out_dir)}") from None
+    if problem := resume_problem(checkpoint):
+        raise SystemExit(f"error: cannot resume {ckpt_path}: {problem}")
+    args = resumed_args(args, checkpoint.get("args", {}), main_process)
+    if "data_dir" not in args.given and not os.path.isdir(os.path.expanduser(args.data_dir)):
+        raise SystemExit(f"error: the run's data folder {args.data_dir} is not there any more: give its new place "
+                         "with --data-dir")
+    if "set" in args.given and config_from_args(args) != cfg:
+        raise SystemExit(f"error: --set changes the config of the run in {args.out_dir}; resume it without --set")
+    if main_process:
+        drop_rows_after(os.path.join(args.out_dir, "metrics.jsonl"), checkpoint["step"])
+    return args, cfg, checkpoint
+
+
+def resumed_args(args, saved, verbose):
+    """--resume: the run's own settings, saved in its checkpoint, for every flag not given now; a given flag that
+    differs is printed as a change. The device, --compile and --cuda-graphs are this process's own. --preset must agree."""
+    if "preset" in args.given and saved.get("preset", args.preset) != args.preset:
+        raise SystemExit(f"error: the run in {args.out_dir} was trained with --preset {saved['preset']}, not {args.preset}: "
+                         "resume it without --preset (or start a new run in another --out-dir)")
+    merged = argparse.Namespace(**vars(args))
+    for key, value in saved.items():
+        if key in ("resume", "overwrite", "device", "compile", "cuda_graphs", "out_dir", "given") or not hasattr(args, key):
+            continue
+        if key not in args.given:
+            setattr(merged, key, value)
+        elif value != getattr(args, key) and verbose:
+            print(f"resuming with --{key.replace('_', '-')} {getattr(args, key)} (the run had {value})")
+    check_args(merged, lambda message: sys.exit(f"error: {message}"))
+    return merged
+
+
+def resume_problem(checkpoint):
+    """Why a checkpoint cannot be resumed (None if it can): what train.py saves besides the weights, each of its kind."""
+    if "optimizer" not in checkpoint:
+        return ("it holds no optimizer state (an exported checkpoint, or one written by an older version of himar); "
+                "it can still be sampled with sample.py")
+    step, rng = checkpoint.get("step"), checkpoint.get("rng")
+    if not (isinstance(step, int) and step >= 0):
+        return f"its step is {step!r}, not a whole number >= 0 (it was not written by train.py)"
+    if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), list) and rng["cpu"]
+            and all(torch.is_tensor(state) for state in rng["cpu"])):
+        return "it holds no random-number state (rng), which train.py saves (it was not written by train.py)"
+    return None
+
+
+def go_back_hint(out_dir):
+    """How to go back to the save before the last one of the run in out_dir ('' if it is not there)."""
+    checkpoint, previous = os.path.join(out_dir, "checkpoint.pt"), os.path.join(out_dir, "checkpoint.prev.pt")
+    return f" The save before it is kept: `mv {previous} {checkpoint}` goes back to it." if os.path.exists(previous) else ""
+
+
+def restore(checkpoint, model, ema, optimizer, rank, device):
+    """Load a resumed run's weights, optimizer and random state; return (its step, how long it had trained)."""
+    checkpoints.load_weights(model, checkpoint, "model")
+    checkpoints.load_weights(ema, checkpoint, "ema")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
+    if device.type == "cuda" and checkpoint["rng"].get("cuda"):
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
+    return checkpoint["step"], checkpoint.get("train_seconds", 0.0)
+
+
+def training_data(args, cfg, rank, world_size, device):
+    """The data set, read by rank 0 first (it may download it), then by the others; on the GPU if it is small.
+    If rank 0 cannot read it (or stopped before, e.g. on a run folder in use), every rank stops with a message."""
+
+    def read():  # (the data, None) or (None, what to do)
+        try:
+            return load_dataset(args.dataset, args.data_dir, cfg.image_size), None
+        except DataError as e:
+            return None, str(e)
+
+    data, error = read() if rank == 0 else (None, None)
+    if world_size > 1:  # the other ranks wait here for rank 0's verdict
+        failed = torch.tensor([float(error is not None)], device=device)
+        try:
+            torch.distributed.broadcast(failed, 0)
+        except RuntimeError:  # rank 0's process is gone
+            raise SystemExit(f"error: rank {rank}: rank 0 stopped before the data was read; its message says why") from None
+        if failed.item() and rank != 0:
+            raise SystemExit(f"error: rank {rank}: rank 0 could not read the data set; its message says why")
+        if rank != 0:
+            data, error = read()
+    if error:
+        raise SystemExit(f"error: {error}" if rank == 0 else f"error: rank {rank}: {error}")
+    if args.batch_size % world_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
+    if data.labels.max() >= cfg.num_classes:
+        raise SystemExit(f"error: the data has {int(data.labels.max()) + 1} classes, the {args.preset} preset {cfg.num_classes}; "
+                         f"use --set num_classes={int(data.labels.max()) + 1}")
+    if len(data.labels) // world_size < args.batch_size // world_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(data.labels)} images of the data set "
+                         f"(on {world_size} process(es)): lower it")
+    if device.type == "cuda" and data.images.numel() < 2**31:  # small data sets live on the GPU
+        data.images = data.images.to(device)
+    return data
+
+
+# ----- The command line -----
 
 
 def parse_args(argv=None):
@@ -411,7 +725,7 @@ def check_args(args, error):
 
 def accumulates(args):
     """Whether a step runs in several forward/backward passes (gradient accumulation, --micro-batch)."""
-    local_batch = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
+    local_batch = args.batch_size // launched_world_size()
     return args.micro_batch is not None and args.micro_batch < local_batch
 
 
@@ -470,92 +784,21 @@ def config_overrides(pairs):
 BOOLEANS = {word: True for word in ("1", "true", "yes", "on")} | {word: False for word in ("0", "false", "no", "off")}
 
 
-def learning_rate(args, step, progress):
-    """Linear warm-up over the first steps, then constant or cosine decay to 10% of the peak by the end of the run;
-    progress (0 to 1) is how far through the run this step is (see run_progress)."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    if args.lr_schedule == "constant":
-        return args.lr
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+# ----- Several GPUs (torchrun) -----
 
 
-def run_progress(args, step, seconds):
-    """How far through the run (0 to 1) a step is: by steps, or by training time when --max-minutes ends the run
-    first. The learning rate's decay and the pivot dropout's schedule follow it."""
-    progress = step / args.max_steps
-    if args.max_minutes is not None:
-        progress = max(progress, seconds / (60 * args.max_minutes))
-    return progress
-
-
-def ema_decay_at(args, step):
-    """The EMA decay rises linearly from 0 over the learning-rate warm-up (early weights are soon forgotten), then
-    stays at --ema-decay."""
-    return args.ema_decay * min(1.0, step / max(1, args.warmup_steps))
-
-
-def make_optimizer(model, args):
-    """AdamW (0.9, 0.95). Weight decay on the weight matrices of linear layers only: none on embeddings (classes,
-    positions, the mask token, the placeholder), norms, biases and the scale-aware blocks' modulation."""
-    matrices = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    decay = [p for p in model.parameters() if id(p) in matrices]
-    other = [p for p in model.parameters() if id(p) not in matrices]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, every parameter in one multi-tensor call (a GPU step is bound by
-    launching kernels: one per parameter would be 219 for cifar10)."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-def compile_blocks(model, args, device):
-    """torch.compile the transformer blocks and the heads, where the work is (the step's own logic stays eager).
-    --compile is on by default on a GPU and off on a CPU; --cuda-graphs, on by default where it works (a compiled
-    GPU run whose steps are one pass each), also replays them as CUDA graphs."""
-    compiled = args.compile or (args.compile is None and device.type == "cuda")
-    graphs = args.cuda_graphs or (args.cuda_graphs is None and compiled and device.type == "cuda" and not accumulates(args))
-    if graphs:  # torch's hint that some calls take a slower, checked path; measured whole, the step is still faster
-        warnings.filterwarnings("ignore", message="Unable to hit fast path of CUDAGraphs")
-    if compiled:
-        for module in model.modules():
-            if isinstance(module, (himar.ScaleAwareBlock, himar.DiffusionHead)):
-                module.compile(mode="reduce-overhead" if graphs else None)
-
-
-def training_step(step_model, optimizer, images, labels, pivot_dropout, grad_clip, micro_batch=None):
-    """One optimizer step on a batch (bf16 autocast on a GPU), in micro-batches of at most micro_batch images
-    (gradient accumulation): each micro-batch's loss counts by its share of the batch, so their gradients add up to
-    the batch's, and the update is the batch's in less memory. (Hi-MAR draws one mask ratio per forward pass, so
-    its micro-batches draw several where the whole batch draws one: the same update in expectation.)
-    Returns the loss, its parts and the gradient norm before clipping, all still on the device (not synchronised)."""
-    size = micro_batch or len(images)
-    chunks = list(zip(images.split(size), labels.split(size)))
-    optimizer.zero_grad(set_to_none=True)
-    loss, parts = 0.0, {}
-    for k, (x, y) in enumerate(chunks):
-        share = len(x) / len(images)
-        # under DDP the gradients are averaged across the GPUs once, in the backward pass of the last micro-batch
-        accumulate_only = k < len(chunks) - 1 and hasattr(step_model, "no_sync")
-        with step_model.no_sync() if accumulate_only else contextlib.nullcontext():
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
-                part, part_parts = step_model(x, y, pivot_dropout=pivot_dropout)
-            (part * share).backward()
-        loss = loss + part.detach() * share
-        parts = {key: parts.get(key, 0.0) + value * share for key, value in part_parts.items()}
-    grad_norm = torch.nn.utils.clip_grad_norm_(step_model.parameters(), grad_clip)
-    optimizer.step()
-    return loss, parts, grad_norm
+def launched_world_size():
+    """How many processes train together: torchrun's WORLD_SIZE, 1 when started with python."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def setup_distributed(args):
     """Under torchrun: one process per GPU (NCCL), or per CPU process (gloo). Returns (rank, world_size, device)."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = launched_world_size()
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and int(os.environ.get("RANK", 0)) == 0:
+            print("warning: no CUDA GPU found, training on the CPU (slow; fine for --preset tiny)")
     else:
         device = args.device
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -568,441 +811,6 @@ def setup_distributed(args):
         device = f"cuda:{local_rank}"
     torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world_size, torch.device(device)
-
-
-def plot_losses(log_path, png_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(log_path)
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("loss", "pivot", "dense"):
-        if key in rows[0]:
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
-    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with himar.written(png_path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-
-
-def read_metrics(log_path):
-    """The rows of metrics.jsonl (none if it does not exist). A line that is not a row, such as the end of a write
-    cut short by a full disk or a crash, is skipped: it never stops a resume."""
-    if not os.path.exists(log_path):
-        return []
-    rows = []
-    with open(log_path, errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int):
-                rows.append(row)
-    return rows
-
-
-def append_metrics(log_path, row):
-    """Add a row to metrics.jsonl in one write, never through a link; if the write fails part-way (a full disk) the
-    file is cut back to what it was, so no torn line is left."""
-    line = (json.dumps(row) + "\n").encode()
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
-    try:
-        size = os.fstat(fd).st_size
-        try:
-            if os.write(fd, line) != len(line):
-                raise OSError(f"only part of a row could be written to {log_path}")
-        except OSError:
-            os.ftruncate(fd, size)
-            raise
-    finally:
-        os.close(fd)
-
-
-class Interrupted(Exception):
-    """Training was asked to stop (Ctrl-C, SIGTERM, SIGHUP) and saved its checkpoint first."""
-
-
-class StoppedAtOnce(BaseException):
-    """A second stop request: training stops where it is, without saving. (A BaseException, as KeyboardInterrupt,
-    so that no `except Exception` on the way catches it.)"""
-
-
-class Stopping:
-    """Within `with stopping:`, SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed) do not kill training: they
-    ask it to finish the step it is in, save a checkpoint and stop. A second request stops at once, without saving."""
-
-    SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])  # (Windows: none)
-    signal = None
-
-    def __enter__(self):
-        self.signal, self.previous = None, {}
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            for s in self.SIGNALS:
-                self.previous[s] = signal.signal(s, self._request)
-        return self
-
-    def _request(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.signal is not None:
-            raise StoppedAtOnce(name)
-        self.signal = name
-        with contextlib.suppress(OSError):  # (os.write: print could be in the middle of writing already)
-            os.write(2, f"\n{name}: finishing this step, then saving and stopping "
-                           "(ask again to stop at once, without saving)\n".encode())
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def largest_on_any_rank(values, device, world_size):
-    """Each of the numbers `values` as its maximum over the ranks: under DDP every rank then takes the same branch
-    (stop, save) and the same learning rate at the same step."""
-    if world_size == 1:
-        return values
-    values = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-    return values.tolist()
-
-
-stopping = Stopping()
-
-
-NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # open() refuses a link at that name (Windows has no such flag)
-
-
-def run_files(out_dir):
-    """The names of the files that a run writes in out_dir and that are there now (links included)."""
-    names = ["checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "loss.png"]
-    return [n for n in names if os.path.lexists(os.path.join(out_dir, n))] + sorted(glob.glob("samples_*.png", root_dir=out_dir))
-
-
-def claim_run_folder(args):
-    """The main process's hold on --out-dir: no link among the files a run writes (one could make it overwrite a file
-    elsewhere); an exclusive lock (a second run into the same folder stops, naming the first); the temporary files
-    of runs killed while saving removed; and a run there never overwritten or mixed with by accident.
-    Returns the open lock file: the lock lasts until it is closed."""
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        links = [n for n in [".lock", *run_files(args.out_dir)] if os.path.islink(os.path.join(args.out_dir, n))]
-        if links:
-            raise SystemExit(f"error: {os.path.join(args.out_dir, links[0])} is a link: a run writes only plain files "
-                             "in its folder (through a link it could overwrite a file elsewhere); remove it, or choose "
-                             "another --out-dir")
-        lock = os.fdopen(os.open(os.path.join(args.out_dir, ".lock"), os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666), "r+")
-    except OSError as e:  # a read-only place, a file of that name, ... (or a link made since the look above)
-        raise SystemExit(f"error: cannot use --out-dir {args.out_dir} as the run folder ({e.strerror or e}): "
-                         "choose a folder you can write in") from None
-    if fcntl is not None:  # (Windows has no flock: no lock there)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise SystemExit(f"error: {args.out_dir} is in use by another training run ({holder}); "
-                             "wait for it to end, or choose another --out-dir") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        lock.flush()
-    himar.remove_stale_temporaries(args.out_dir)
-    for tmp in glob.glob(os.path.join(args.out_dir, himar.TMP_PREFIX + "*.pt")):  # as earlier versions named them
-        os.remove(tmp)
-    old = run_files(args.out_dir)
-    if old and not args.resume:
-        if not args.overwrite and "checkpoint.pt" in old:
-            raise SystemExit(f"error: {args.out_dir} holds a run (checkpoint.pt): continue it with --resume, start afresh "
-                             "there with --overwrite (which deletes it), or choose another --out-dir")
-        if not args.overwrite:
-            raise SystemExit(f"error: {args.out_dir} holds the files of a run that saved no checkpoint ({', '.join(old)}): "
-                             "start afresh there with --overwrite (which deletes them), or choose another --out-dir")
-        for name in old:
-            os.remove(os.path.join(args.out_dir, name))
-    return lock
-
-
-def resumed_args(args, saved, verbose):
-    """--resume: the run's own settings, saved in its checkpoint, for every flag not given now; a given flag that
-    differs is printed as a change. The device, --compile and --cuda-graphs are this process's own. --preset must agree."""
-    if "preset" in args.given and saved.get("preset", args.preset) != args.preset:
-        raise SystemExit(f"error: the run in {args.out_dir} was trained with --preset {saved['preset']}, not {args.preset}: "
-                         "resume it without --preset (or start a new run in another --out-dir)")
-    merged = argparse.Namespace(**vars(args))
-    for key, value in saved.items():
-        if key in ("resume", "overwrite", "device", "compile", "cuda_graphs", "out_dir", "given") or not hasattr(args, key):
-            continue
-        if key not in args.given:
-            setattr(merged, key, value)
-        elif value != getattr(args, key) and verbose:
-            print(f"resuming with --{key.replace('_', '-')} {getattr(args, key)} (the run had {value})")
-    check_args(merged, lambda message: sys.exit(f"error: {message}"))
-    return merged
-
-
-def drop_rows_after(log_path, step):
-    """Keep the metrics of steps up to `step` (the checkpoint's): those past it are trained again after a resume.
-    A line that is not a row (a write cut short) goes too."""
-    if os.path.exists(log_path):
-        rows = [row for row in read_metrics(log_path) if row["step"] <= step]
-        with himar.written(log_path) as tmp, open(tmp, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-
-
-def resume_problem(checkpoint):
-    """Why a checkpoint cannot be resumed (None if it can): what train.py saves besides the weights, each of its kind."""
-    if "optimizer" not in checkpoint:
-        return ("it holds no optimizer state (an exported checkpoint, or one written by an older version of himar); "
-                "it can still be sampled with sample.py")
-    step, rng = checkpoint.get("step"), checkpoint.get("rng")
-    if not (isinstance(step, int) and step >= 0):
-        return f"its step is {step!r}, not a whole number >= 0 (it was not written by train.py)"
-    if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), list) and rng["cpu"]
-            and all(torch.is_tensor(state) for state in rng["cpu"])):
-        return "it holds no random-number state (rng), which train.py saves (it was not written by train.py)"
-    return None
-
-
-def go_back_hint(out_dir):
-    """How to go back to the save before the last one of the run in out_dir ('' if it is not there)."""
-    checkpoint, previous = os.path.join(out_dir, "checkpoint.pt"), os.path.join(out_dir, "checkpoint.prev.pt")
-    return f" The save before it is kept: `mv {previous} {checkpoint}` goes back to it." if os.path.exists(previous) else ""
-
-
-def run_config(args, main_process):
-    """The run's settings and model config: from the checkpoint when resuming (with the run's own settings, and
-    the checkpoint itself returned), else from the preset and --set (and no checkpoint)."""
-    if not args.resume:
-        return args, config_from_args(args), None
-    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-    try:
-        checkpoint = himar.load_checkpoint(ckpt_path)
-        cfg = himar.config_from_checkpoint(checkpoint)
-    except himar.CheckpointError as e:
-        raise SystemExit(f"error: cannot resume: {e}.{go_back_hint(args.out_dir)}") from None
-    if problem := resume_problem(checkpoint):
-        raise SystemExit(f"error: cannot resume {ckpt_path}: {problem}")
-    args = resumed_args(args, checkpoint.get("args", {}), main_process)
-    if "data_dir" not in args.given and not os.path.isdir(os.path.expanduser(args.data_dir)):
-        raise SystemExit(f"error: the run's data folder {args.data_dir} is not there any more: give its new place "
-                         "with --data-dir")
-    if "set" in args.given and config_from_args(args) != cfg:
-        raise SystemExit(f"error: --set changes the config of the run in {args.out_dir}; resume it without --set")
-    if main_process:
-        drop_rows_after(os.path.join(args.out_dir, "metrics.jsonl"), checkpoint["step"])
-    return args, cfg, checkpoint
-
-
-def training_data(args, cfg, rank, world_size, device):
-    """The data set, read by rank 0 first (it may download it), then by the others; on the GPU if it is small.
-    If rank 0 cannot read it (or stopped before, e.g. on a run folder in use), every rank stops with a message."""
-
-    def read():  # (the data, None) or (None, what to do)
-        try:
-            return load_dataset(args.dataset, args.data_dir, cfg.image_size), None
-        except DataError as e:
-            return None, str(e)
-
-    data, error = read() if rank == 0 else (None, None)
-    if world_size > 1:  # the other ranks wait here for rank 0's verdict
-        failed = torch.tensor([float(error is not None)], device=device)
-        try:
-            torch.distributed.broadcast(failed, 0)
-        except RuntimeError:  # rank 0's process is gone
-            raise SystemExit(f"error: rank {rank}: rank 0 stopped before the data was read; its message says why") from None
-        if failed.item() and rank != 0:
-            raise SystemExit(f"error: rank {rank}: rank 0 could not read the data set; its message says why")
-        if rank != 0:
-            data, error = read()
-    if error:
-        raise SystemExit(f"error: {error}" if rank == 0 else f"error: rank {rank}: {error}")
-    if data.labels.max() >= cfg.num_classes:
-        raise SystemExit(f"error: the data has {int(data.labels.max()) + 1} classes, the {args.preset} preset {cfg.num_classes}; "
-                         f"use --set num_classes={int(data.labels.max()) + 1}")
-    if len(data.labels) // world_size < args.batch_size // world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(data.labels)} images of the data set "
-                         f"(on {world_size} process(es)): lower it")
-    if device.type == "cuda" and data.images.numel() < 2**31:  # small data sets live on the GPU
-        data.images = data.images.to(device)
-    return data
-
-
-def restore(checkpoint, model, ema, optimizer, rank, device):
-    """Load a resumed run's weights, optimizer and random state; return (its step, how long it had trained)."""
-    himar.load_weights(model, checkpoint, "model")
-    himar.load_weights(ema, checkpoint, "ema")
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
-    if device.type == "cuda" and checkpoint["rng"].get("cuda"):
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
-    return checkpoint["step"], checkpoint.get("train_seconds", 0.0)
-
-
-def saved_so_far(last_saved, ckpt_path):
-    """What a run that stops now has saved (last_saved: the step its checkpoint holds, None if none), and how to go on."""
-    if last_saved is None:
-        return "No checkpoint was saved: start again with --overwrite"
-    return f"Nothing after step {last_saved} was saved: {ckpt_path} holds step {last_saved}; continue from it with --resume"
-
-
-def diverged(what, last_saved, out_dir):
-    """The message of a run stopped by a NaN or inf, `what` says where. Weights can grow huge (but finite) before the
-    first NaN, so the last checkpoint is not known to be good: the one before it is kept, and the message says how
-    to go back to it."""
-    saved = saved_so_far(last_saved, os.path.join(out_dir, "checkpoint.pt"))
-    message = f"{what}. {saved}, with a lower --lr or a stronger --grad-clip."
-    if last_saved is not None:
-        message += " If the loss was already climbing before that step (see loss.png), its weights may be diverging."
-        message += go_back_hint(out_dir)
-    return message
-
-
-def train(args, model_class=himar.HiMAR):
-    """Train model_class(cfg) (Hi-MAR, or another model with the same forward and sample) as args say."""
-    rank, world_size, device = setup_distributed(args)
-    main_process = rank == 0
-    # the run folder is locked (one run at a time) while the run lasts
-    with claim_run_folder(args) if main_process else contextlib.nullcontext():
-        args, cfg, checkpoint = run_config(args, main_process)
-        ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-        if device.type == "cpu" and main_process and args.device == "auto":
-            print("warning: no CUDA GPU found, training on the CPU (slow; fine for --preset tiny)")
-        if args.batch_size % world_size:
-            raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.manual_seed(args.seed + rank)
-        data = training_data(args, cfg, rank, world_size, device)
-
-        try:
-            model = model_class(cfg).to(device)
-            ema = copy.deepcopy(model).requires_grad_(False)
-        except (RuntimeError, MemoryError) as e:
-            if not himar.is_out_of_memory(e):
-                raise
-            raise SystemExit(f"error: the model of this config (width {cfg.width}, depth {cfg.depth}) does not fit in the "
-                             f"memory of {device}: check the config (--set, or the run's checkpoint)") from None
-        optimizer = make_optimizer(model, args)
-        start_step, earlier_seconds = 0, 0.0  # where a resumed run starts, and how long it had trained
-        if checkpoint is not None:
-            start_step, earlier_seconds = restore(checkpoint, model, ema, optimizer, rank, device)
-            if main_process:
-                print(f"resuming {ckpt_path} at step {start_step}")
-        last_saved = start_step if checkpoint is not None else None  # the step that checkpoint.pt holds
-        step_model = model
-        if world_size > 1:
-            step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        compile_blocks(model, args, device)
-        if main_process:
-            name = "Hi-MAR" if model_class is himar.HiMAR else model_class.__name__  # e.g. the ablation's DiT
-            print(f"{name} {args.preset}: {model.num_params() / 1e6:.2f}M parameters; "
-                  f"{len(data.labels)} images, batch {args.batch_size} on {world_size} x {device}")
-
-        def gathered(tensor):  # every rank's copy of a tensor, for the checkpoint
-            if world_size == 1:
-                return [tensor]
-            out = [torch.zeros_like(tensor, device=device) for _ in range(world_size)]  # NCCL: all on the GPU
-            torch.distributed.all_gather(out, tensor.to(device))
-            return [t.cpu() for t in out]
-
-        def save(step):
-            nonlocal last_saved
-            if not all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()]):
-                raise TrainingStopped(diverged(f"the weights became NaN or inf before step {step}", last_saved, args.out_dir))
-            rng = {"cpu": gathered(torch.get_rng_state()),
-                   "cuda": gathered(torch.cuda.get_rng_state()) if device.type == "cuda" else []}
-            if main_process:  # the checkpoint it replaces is kept as checkpoint.prev.pt
-                himar.save_checkpoint(ckpt_path, {"config": asdict(cfg), "model": model.state_dict(), "ema": ema.state_dict(),
-                                                  "optimizer": optimizer.state_dict(), "step": step, "rng": rng, "args": vars(args),
-                                                  "train_seconds": earlier_seconds + train_seconds},
-                                      previous=os.path.join(args.out_dir, "checkpoint.prev.pt"))
-            last_saved = step
-
-        def sample_grid(step):  # 8 samples of each of the first 10 classes, one row per class
-            if main_process:
-                labels = torch.arange(min(10, cfg.num_classes), device=device).repeat_interleave(8)
-                try:
-                    himar.save_grid(ema.sample(labels, seed=0), 8, os.path.join(args.out_dir, f"samples_{step:07d}.png"))
-                except himar.NonFiniteImages as e:
-                    print(f"warning: no sample grid for step {step}: {e} (are the weights diverging? see loss.png)")
-
-        # the loop
-        local_batch = args.batch_size // world_size
-        log_path = os.path.join(args.out_dir, "metrics.jsonl")
-        bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient since the last check
-        sums, count = {}, 0
-        bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=not main_process, desc="training")
-        timer_start, train_seconds, done = time.time(), 0.0, start_step
-        seconds = earlier_seconds  # training time of the whole run so far, read at every step (the GPU may lag a little)
-        for step in bar:
-            images, labels = batch_at(data, step, local_batch, args.seed, device, rank, world_size)
-            progress = run_progress(args, step, seconds)
-            lr = learning_rate(args, step, progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            try:
-                loss, parts, grad_norm = training_step(step_model, optimizer, images, labels,
-                                                       himar.pivot_dropout_at(cfg, progress), args.grad_clip, args.micro_batch)
-            except torch.cuda.OutOfMemoryError:
-                smaller = max(1, (args.micro_batch or local_batch) // 2)
-                again = f"--resume --micro-batch {smaller}" if os.path.exists(ckpt_path) else f"--micro-batch {smaller}"
-                raise TrainingStopped(
-                    f"the GPU ran out of memory at step {step + 1}, with {args.micro_batch or local_batch} images per "
-                    f"forward pass. Run again with fewer ({again}): the update stays that of --batch-size "
-                    f"{args.batch_size}, it only takes longer.") from None
-            update_ema(ema, model, ema_decay_at(args, step))
-            bad |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
-            for key, value in {"loss": loss, **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value.float()
-            count += 1
-            done = step + 1
-            signalled, seconds = largest_on_any_rank([float(stopping.signal is not None),
-                                                      earlier_seconds + train_seconds + time.time() - timer_start], device, world_size)
-            interrupted = signalled > 0  # Ctrl-C or SIGTERM (on any rank): finish this step, save, exit
-            out_of_time = args.max_minutes is not None and seconds >= 60 * args.max_minutes
-
-            if done % args.log_every == 0 or done == args.max_steps or done % args.ckpt_every == 0 or interrupted or out_of_time:
-                if bad.item():  # stop before anything non-finite reaches a checkpoint
-                    raise TrainingStopped(diverged(f"the loss or its gradient became NaN or inf between step "
-                                                   f"{done - count + 1} and {done}", last_saved, args.out_dir))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.time() - timer_start
-                train_seconds += elapsed
-                means = {k: (v / count).item() for k, v in sums.items()}
-                row = {"step": done, **means, "lr": lr, "images_per_s": count * args.batch_size / elapsed,
-                       "minutes": (earlier_seconds + train_seconds) / 60}  # training time of the whole run so far
-                sums, count = {}, 0
-                try:
-                    if main_process:
-                        append_metrics(log_path, row)
-                        plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
-                        budget = {"min": f"{row['minutes']:.1f}/{args.max_minutes:g}"} if args.max_minutes else {}  # the time budget's progress
-                        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"} | budget)
-                    if done % args.sample_every == 0 or done == args.max_steps or out_of_time:
-                        sample_grid(done)
-                    if done % args.ckpt_every == 0 or done == args.max_steps or out_of_time or interrupted:
-                        save(done)
-                except OSError as e:  # a full disk, a folder gone read-only: the checkpoint it replaced is whole
-                    raise TrainingStopped(f"could not write in {args.out_dir} after step {done} ({e.strerror or e}): make "
-                                          f"room there. {saved_so_far(last_saved, ckpt_path)}.") from None
-                if interrupted:
-                    raise Interrupted(f"{stopping.signal}: stopped after step {done} and saved {ckpt_path}; "
-                                      "continue the run with --resume")
-                timer_start = time.time()
-                if out_of_time:
-                    if main_process:
-                        print(f"stopping after {(earlier_seconds + train_seconds) / 60:.2f} minutes of training (--max-minutes)")
-                    break
-        if main_process and train_seconds > 0:
-            print(f"trained {done - start_step} steps in {train_seconds / 60:.1f} min: "
-                  f"{(done - start_step) * args.batch_size / train_seconds:.0f} images/s (scripts/benchmark.py: FLOPs and TFLOP/s)")
-        if world_size > 1:
-            torch.distributed.destroy_process_group()
 
 
 def main(argv=None):

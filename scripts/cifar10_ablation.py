@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
+import pictures  # noqa: E402
 import himar  # noqa: E402
 import train  # noqa: E402
 from sampling_sweep import sample_and_score  # noqa: E402
@@ -126,9 +128,9 @@ def device_name(device):
 
 
 def load_ema(name, checkpoint_path, device):
-    checkpoint = himar.load_checkpoint(checkpoint_path, device)
-    model = model_class(name)(himar.config_from_checkpoint(checkpoint)).to(device)
-    himar.load_weights(model, checkpoint, "ema")
+    checkpoint = checkpoints.load_checkpoint(checkpoint_path, device)
+    model = model_class(name)(checkpoints.config_from_checkpoint(checkpoint)).to(device)
+    checkpoints.load_weights(model, checkpoint, "ema")
     return model.eval(), checkpoint
 
 
@@ -175,7 +177,7 @@ def save_class_grid(npz_path, png_path, num_classes, per_class=10):
     data = np.load(npz_path)
     images, labels = data["arr_0"], data["arr_1"]
     rows = np.concatenate([images[labels == c][:per_class] for c in range(min(10, num_classes))])
-    himar.save_grid(torch.from_numpy(rows).permute(0, 3, 1, 2).float() / 127.5 - 1, per_class, png_path)
+    pictures.save_grid(torch.from_numpy(rows).permute(0, 3, 1, 2).float() / 127.5 - 1, per_class, png_path)
 
 
 def read_results(out):

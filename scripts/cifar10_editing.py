@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import himar  # noqa: E402
+import checkpoints  # noqa: E402
+import pictures  # noqa: E402
 import sample  # noqa: E402
 from sampling_sweep import score, test_images  # noqa: E402
 
@@ -37,7 +38,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
-    model = himar.model_from_checkpoint(args.ckpt, device)
+    model = checkpoints.load_model(args.ckpt, device)
     cfg = model.cfg
     originals, labels = test_images(args.data_dir, args.num_images)
     keep = sample.keep_mask(args.keep, cfg.image_size, cfg.patch_size)  # [H, W]
@@ -48,16 +49,16 @@ def main():
         x = pixels[i:i + args.batch_size].to(device)
         edited = model.sample(torch.from_numpy(labels[i:i + args.batch_size]).to(device), seed=i,
                               known_images=x, known_mask=keep.to(device).expand(len(x), -1, -1))
-        edits.append(himar.to_uint8(edited))
+        edits.append(pictures.to_uint8(edited))
         print(f"edited {i + len(x)} / {len(pixels)} in {time.time() - start:.0f} s", file=sys.stderr)
     seconds = time.time() - start
     edits = np.concatenate(edits)
 
     if args.grid:
         n = min(8, len(edits))
-        kept = torch.where(keep, pixels[:n], sample.MAGENTA)
+        kept = torch.where(keep, pixels[:n], pictures.MAGENTA)
         edited = torch.from_numpy(edits[:n]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        himar.save_grid(torch.cat([pixels[:n], kept, edited]), n, args.grid)  # rows: originals, kept, edits
+        pictures.save_grid(torch.cat([pixels[:n], kept, edited]), n, args.grid)  # rows: originals, kept, edits
     print(json.dumps({"n": len(edits), "keep": args.keep, "seconds": round(seconds, 1), "device": str(device),
                       "acc_edits": score(args.scorer, edits, labels, device.type)["acc"],
                       "acc_originals": score(args.scorer, originals, labels, device.type)["acc"]}))

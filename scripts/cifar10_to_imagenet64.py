@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
+from data import DataError, load_dataset  # noqa: E402
 
 
 def enlarge_to_64(images):
@@ -37,16 +37,16 @@ def main(argv=None):
     p.add_argument("--per-file", type=int, default=10000, help="images per npz file")
     args = p.parse_args(argv)
     try:
-        data = train.load_dataset("cifar10", args.data_dir, 32)
-    except train.DataError as e:
+        cifar = load_dataset("cifar10", args.data_dir, 32)
+    except DataError as e:
         raise SystemExit(f"error: {e}") from None
     os.makedirs(args.out, exist_ok=True)
-    n = len(data.labels)
+    n = len(cifar.labels)
     for k, first in enumerate(tqdm(range(0, n, args.per_file), desc="writing", unit="file")):
         rows = slice(first, min(n, first + args.per_file))
-        planar = enlarge_to_64(data.images[rows]).permute(0, 3, 1, 2).reshape(-1, 3 * 64 * 64)  # [N, 12288]
+        planar = enlarge_to_64(cifar.images[rows]).permute(0, 3, 1, 2).reshape(-1, 3 * 64 * 64)  # [N, 12288]
         path = os.path.join(args.out, f"train_data_batch_{k + 1}.npz")
-        np.savez(path, data=planar.numpy(), labels=data.labels[rows].numpy() + 1)
+        np.savez(path, data=planar.numpy(), labels=cifar.labels[rows].numpy() + 1)
     print(f"wrote {n} images of 64x64 to {args.out} in {k + 1} files")
 
 

@@ -8,11 +8,12 @@ other default sampling settings (fields of himar.Sampling, written as train.py's
 import argparse
 import os
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
 import himar  # noqa: E402
 import train  # noqa: E402
 
@@ -21,12 +22,12 @@ p.add_argument("source")
 p.add_argument("target")
 p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a default sampling setting")
 args = p.parse_args()
-checkpoint = himar.load_checkpoint(args.source)
-cfg = himar.config_from_checkpoint(checkpoint)
+checkpoint = checkpoints.load_checkpoint(args.source)
+cfg = checkpoints.config_from_checkpoint(checkpoint)
 changes = train.config_overrides(args.set)
 if not set(changes) <= {f.name for f in fields(himar.Sampling)}:
     raise SystemExit("error: --set changes only sampling settings here (the weights fix the model's sizes)")
 cfg = replace(cfg, sampling=replace(cfg.sampling, **changes))
 ema = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in checkpoint["ema"].items()}
-himar.save_checkpoint(args.target, {"config": asdict(cfg), "ema": ema, "step": checkpoint["step"]})
+checkpoints.save_checkpoint(args.target, himar.to_checkpoint(cfg, ema=ema, step=checkpoint["step"]))
 print(f"wrote {args.target}: {os.path.getsize(args.target) / 2**20:.1f} MiB, sampling {cfg.sampling}")

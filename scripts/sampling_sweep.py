@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
+import pictures  # noqa: E402
 import himar  # noqa: E402
-import train  # noqa: E402
+from data import CifarUnpickler  # noqa: E402
 
 
 def test_images(data_dir, n):
@@ -37,7 +39,7 @@ def test_images(data_dir, n):
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found: give the folder that train.py reads CIFAR-10 from")
     with open(path, "rb") as f:
-        batch = train.CifarUnpickler(f, path, "Give a folder with the official CIFAR-10 files.").load()
+        batch = CifarUnpickler(f, path, "Give a folder with the official CIFAR-10 files.").load()
     images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images[:n], np.asarray(batch[b"labels"])[:n]
 
@@ -85,7 +87,7 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, k
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.time()
-    chunks = [himar.to_uint8(generate(model, labels[i:i + batch_size].to(device), i, setting))
+    chunks = [pictures.to_uint8(generate(model, labels[i:i + batch_size].to(device), i, setting))
               for i in range(0, num_images, batch_size)]
     seconds = time.time() - start
     row = {"setting": setting, "n": num_images, "seconds": round(seconds, 1), "images_per_s": round(num_images / seconds, 1)}
@@ -114,12 +116,12 @@ def main():
         images, labels = test_images(args.real_pivots, args.num_images)
         pivots = himar.downsample(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
         row = {"setting": "real test images, downsampled 2x and enlarged 2x", "n": len(images),
-               **score(args.scorer, himar.to_uint8(enlarge(pivots)), labels, "cpu")}
+               **score(args.scorer, pictures.to_uint8(enlarge(pivots)), labels, "cpu")}
         print(json.dumps(row))
         return
     if not args.ckpt:
         p.error("give --ckpt CHECKPOINT (or --real-pivots DATA)")
-    model = himar.model_from_checkpoint(args.ckpt, args.device)
+    model = checkpoints.load_model(args.ckpt, args.device)
     compiled = args.compile or (args.compile is None and model.mask_token.is_cuda)
     if compiled:
         compile_heads(model)

@@ -1,0 +1,149 @@
+"""Pictures of images and of generation: the PNG grids that train.py and sample.py write, the unmasking figure, and
+the grids the notebooks draw. Images are [C, H, W] or [B, C, H, W] tensors in [-1, 1]; tokens not yet revealed (or
+not given) are painted magenta everywhere, and the tokens revealed at a step are outlined."""
+
+import math
+
+import numpy as np
+import torch
+
+import checkpoints
+
+MAGENTA = torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1)  # tokens not given or not yet revealed, in the pictures
+
+
+
+class NonFiniteImages(ValueError):
+    """Generated images with NaN or inf values (diverged weights, or extreme sampling settings): never written."""
+
+
+def to_uint8(images):
+    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C] (numpy); NonFiniteImages if any value is NaN or inf (which
+    would otherwise come out as black or white pixels that look like a picture)."""
+    bad = int((~torch.isfinite(images.float())).flatten(1).any(dim=1).sum())
+    if bad:
+        raise NonFiniteImages(f"{bad} of {len(images)} generated images hold NaN or inf values")
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, ncol, path, pad=2):
+    """Save images [N, C, H, W] in [-1, 1] as one PNG, ncol images per row, with white gaps; written whole (see
+    `written`), and not at all if an image holds NaN or inf (NonFiniteImages)."""
+    import matplotlib.pyplot as plt
+
+    pictures = to_uint8(images)
+    n, h, w, c = pictures.shape
+    rows = math.ceil(n / ncol)
+    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, picture in enumerate(pictures):
+        top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
+        grid[top:top + h, left:left + w] = picture
+    with checkpoints.written(path) as tmp:
+        plt.imsave(tmp, grid)
+
+
+def masked(images, masks):
+    """Images [B, C, h, w] with the tokens where masks [B, h/p, w/p] are True painted magenta."""
+    p = images.shape[-1] // masks.shape[-1]
+    hidden = masks.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None]  # [B, 1, h, w]
+    return torch.where(hidden, MAGENTA, images)
+
+
+def unmasked_picture(frame):
+    """A trajectory frame as uint8 pictures [B, H, W, 3] at full size: masked tokens magenta, pivots upsampled."""
+    image = masked(frame["image"], frame["mask"])  # [B, 3, h, w]
+    if frame["phase"] == "pivot":
+        image = image.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    return to_uint8(image)
+
+
+def picture(image, mask=None):
+    """One image [C, h, w] in [-1, 1] as [h, w, 3] values in [0, 1] for matplotlib's imshow; with a token mask
+    [h/p, w/p] (True = not yet revealed), those tokens magenta. The notebooks draw with it."""
+    if mask is not None:
+        image = masked(image[None], mask[None])[0]
+    return ((image.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+
+
+def outline_revealed(ax, revealed, pixels_per_token):
+    """Outline in yellow, on an imshow axis, the tokens revealed at this step (revealed [h/p, w/p] bool)."""
+    from matplotlib.patches import Rectangle
+
+    s = pixels_per_token
+    for row, col in revealed.nonzero().tolist():
+        ax.add_patch(Rectangle((col * s - 0.5, row * s - 0.5), s, s, fill=False, edgecolor="yellow", linewidth=0.9))
+
+
+def show_grid(rows, titles=None, row_names=None, size=1.2):
+    """The notebooks' image grid: rows of images [C, h, w] in [-1, 1] (lists, or batches [n, C, h, w]) drawn with
+    picture; `titles` over the top row (one per column) or over every image (one list per row); `row_names` on the
+    left. Text is black, at size 8. Returns the matplotlib axes [rows, columns]."""
+    import matplotlib.pyplot as plt
+
+    columns = max(len(row) for row in rows)
+    every_image = titles is not None and isinstance(titles[0], (list, tuple))
+    fig, axes = plt.subplots(len(rows), columns, figsize=(size * columns + (1.2 if row_names else 0.2),
+                                                          (size + (0.2 if titles else 0.05)) * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([]), ax.set_yticks([])
+            if c >= len(row):  # a shorter row: blank
+                ax.axis("off")
+                continue
+            ax.imshow(picture(row[c]), interpolation="nearest")
+            if titles is not None and (every_image or r == 0):
+                ax.set_title((titles[r] if every_image else titles)[c], fontsize=8, pad=2)
+        if row_names:
+            axes[r, 0].set_ylabel(row_names[r], fontsize=8, rotation=0, ha="right", va="center")
+    fig.tight_layout(pad=0.3)
+    return axes
+
+
+def trajectory_figure(frames, path, num_show):
+    """The two-phase unmasking as one figure: a row per sample, a column per step. Phase 1 shows the pivot
+    image (upsampled 2x), phase 2 the dense image; tokens not yet revealed are magenta, those revealed at that
+    step outlined in yellow. A .gif path also writes an animation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pivot_frames = [{**f, "step": k + 1} for k, f in enumerate(f for f in frames if f["phase"] == "pivot")]
+    dense_frames = [{**f, "step": k + 1} for k, f in enumerate(f for f in frames if f["phase"] == "dense")]
+    if len(pivot_frames) > 16:  # a long phase 1 is shown at 16 evenly spaced steps, its last one included
+        keep = {round(i * (len(pivot_frames) - 1) / 15) for i in range(16)}
+        pivot_frames = [f for i, f in enumerate(pivot_frames) if i in keep]
+    frames = pivot_frames + dense_frames
+    pictures = [unmasked_picture(f)[:num_show] for f in frames]  # each [S, H, W, 3] uint8
+    steps = len(frames)
+    fig, axes = plt.subplots(num_show, steps, figsize=(1.1 * steps, 1.15 * num_show + 0.3), squeeze=False)
+    for j, frame in enumerate(frames):
+        side = frame["mask"].shape[-1]
+        for i in range(num_show):
+            ax = axes[i, j]
+            ax.imshow(pictures[j][i], interpolation="nearest")
+            if frame["revealed"][i].sum() <= side * side // 8:  # outlines for a few tokens; not over a whole region
+                outline_revealed(ax, frame["revealed"][i], pictures[j].shape[1] // side)
+            ax.set_xticks([]), ax.set_yticks([])
+        title = "pivots" if frame["phase"] == "pivot" else "dense"
+        axes[0, j].set_title(f"{title} {frame['step']}", fontsize=7)
+    fig.tight_layout(pad=0.3)
+    if path.endswith(".gif"):
+        from matplotlib.animation import FuncAnimation, PillowWriter
+
+        plt.close(fig)
+        fig, axes = plt.subplots(1, num_show, figsize=(1.3 * num_show, 1.5), squeeze=False)
+        artists = [axes[0, i].imshow(pictures[0][i], interpolation="nearest") for i in range(num_show)]
+        for ax in axes[0]:
+            ax.set_xticks([]), ax.set_yticks([])
+
+        def show(j):
+            for i, artist in enumerate(artists):
+                artist.set_data(pictures[j][i])
+            fig.suptitle(f"{frames[j]['phase']} step", fontsize=8)
+            return artists
+
+        FuncAnimation(fig, show, frames=steps, interval=400).save(path, writer=PillowWriter(fps=3))
+    else:
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
