@@ -12,7 +12,7 @@ token conditioned on the transformer's output z for its position. Hi-MAR generat
 One transformer serves both phases; a "scale vector" tells it which phase it is in.
 
 Read top to bottom:
-    1. Config           the model (one dataclass, named presets) and the sampling settings
+    1. Config           the model (one dataclass) and the sampling settings, whole and per phase
     2. Tokenizer        pixels <-> dense tokens and pivot tokens
     3. Masks            training mask ratios, pivot dropout, the sampling schedule, the tokens an edit or given pivots fix
     4. Diffusion        cosine schedule, q_sample, training loss, DDPM / DDIM reverse samplers
@@ -20,6 +20,10 @@ Read top to bottom:
     6. Heads            the per-token MLP head and the Diffusion Transformer head, each with its loss and sampler
     7. The model        HiMAR: one training step (both phases), and the two-phase sampling loop (which also edits)
     8. Checkpoints      what a checkpoint holds: the config beside the weights
+    9. Checks, presets  each setting's range, and the named configs (tiny, cifar10, imagenet64)
+
+Around this file: data.py reads the data sets, train.py trains (its loop near the top), sample.py generates from the
+command line, checkpoints.py writes and reads checkpoint files safely, pictures.py draws (for the notebooks too).
 
 Shapes: B batch, Np pivot tokens, Nd dense tokens (Nd = 4 Np), D values per token (C*p*p),
 W transformer width, L sequence length.
@@ -27,6 +31,7 @@ W transformer width, L sequence length.
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -59,48 +64,29 @@ class Sampling:
     def __post_init__(self):
         self.pivot_diffusion_steps = annealed_range(self.pivot_diffusion_steps)
         self.dense_diffusion_steps = annealed_range(self.dense_diffusion_steps)
-        check_fields(self, [
-            (("pivot_steps", "dense_steps"), "at least 1", lambda v: is_whole(v) and v >= 1),
-            (("pivot_cfg", "dense_cfg"), "a finite number >= 0", lambda v: is_finite(v) and v >= 0),
-            (("temperature",), "a finite number > 0", lambda v: is_finite(v) and v > 0),
-            (("pivot_sampler", "dense_sampler"), f"one of the samplers {SAMPLERS}", lambda v: v in SAMPLERS),
-        ])
-        if min(self.pivot_diffusion_steps + self.dense_diffusion_steps) < 1:
-            raise ValueError("Sampling: diffusion steps must be at least 1")
+        check_sampling(self)  # (section 9)
 
-    def check(self, cfg):
-        """The limits that depend on the model: at most one generation step per token, at most T denoising steps."""
-        for name, n in (("pivot_steps", cfg.num_pivots), ("dense_steps", cfg.num_dense)):
-            if getattr(self, name) > n:
-                raise ValueError(f"Sampling: {name} must be between 1 and the number of tokens ({n}), got {getattr(self, name)}")
-        if max(self.pivot_diffusion_steps + self.dense_diffusion_steps) > cfg.diffusion_steps:
-            raise ValueError(f"Sampling: diffusion steps must be between 1 and diffusion_steps ({cfg.diffusion_steps})")
+    def phase(self, phase):
+        """The settings of one phase (PIVOT or DENSE), as the generation loop reads them."""
+        if phase == PIVOT:
+            return PhaseSampling(self.pivot_steps, self.pivot_cfg, self.pivot_diffusion_steps, self.pivot_sampler, self.temperature)
+        return PhaseSampling(self.dense_steps, self.dense_cfg, self.dense_diffusion_steps, self.dense_sampler, self.temperature)
+
+
+@dataclass(frozen=True)
+class PhaseSampling:
+    """One phase's sampling settings: what HiMAR.unmask needs to generate the phase."""
+    steps: int  # K1 or K2: generation steps
+    cfg_scale: float  # classifier-free guidance, reached at the phase's last step
+    diffusion_steps: tuple  # the head's denoising steps at the phase's (first, last) generation step
+    sampler: str  # "ddpm" or "ddim"
+    temperature: float  # scales the noise of the DDPM sampler
 
 
 def annealed_range(steps):
     """Diffusion steps as a (first, last) pair: an int n means (n, n)."""
     first, last = (steps, steps) if isinstance(steps, int) else steps
     return int(first), int(last)
-
-
-def is_whole(value):
-    """An int (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_finite(value):
-    """An int or float (not a bool) that is neither inf nor NaN."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_fields(settings, rules):
-    """A ValueError naming the first field of `settings` (a Config or Sampling) that breaks its rule; rules are
-    (field names, what each must be, a test of its value)."""
-    for names, what, ok in rules:
-        for name in names:
-            value = getattr(settings, name)
-            if not ok(value):
-                raise ValueError(f"{type(settings).__name__}: {name} must be {what}, got {value!r}")
 
 
 @dataclass
@@ -148,33 +134,14 @@ class Config:
     def __post_init__(self):
         if isinstance(self.sampling, dict):  # as read back from a checkpoint
             self.sampling = Sampling(**self.sampling)
-        # each field in its range first (a size of 0 would divide by zero below, a mask ratio above 1 never be drawn)
-        fraction = lambda v: is_finite(v) and 0 <= v <= 1
-        check_fields(self, [
-            (("image_size", "channels", "patch_size", "num_classes", "width", "depth", "num_heads", "buffer_tokens",
-              "mlp_head_width", "mlp_head_depth", "mlp_head_repeats", "dit_head_width", "dit_head_depth",
-              "dit_head_num_heads", "dit_head_repeats", "diffusion_steps"), "a whole number >= 1",
-             lambda v: is_whole(v) and v >= 1),
-            (("mlp_ratio",), "a finite number > 0", lambda v: is_finite(v) and v > 0),
-            (("dropout", "mask_ratio_min"), "a number in [0, 1)", lambda v: fraction(v) and v < 1),
-            (("class_dropout", "pivot_dropout_start", "pivot_dropout_end"), "a probability, in [0, 1]", fraction),
-            (("pivot_dropout_warmup",), "a fraction of the run, in [0, 1]", fraction),
-            (("mask_ratio_std", "pivot_loss_weight", "dense_loss_weight"), "a finite number >= 0",
-             lambda v: is_finite(v) and v >= 0),
-            (("scale_vector",), "True or False", lambda v: isinstance(v, bool)),
-        ])
-        checks = [
-            (self.pivots in ("none", "visual", "conditional"), "pivots must be 'none', 'visual' or 'conditional'"),
-            (self.dense_head in ("mlp", "dit"), "dense_head must be 'mlp' or 'dit'"),
-            (self.pivots != "none" or self.dense_head == "mlp", "pivots='none' is MAR: it needs dense_head='mlp'"),
-            (self.image_size % (2 * self.patch_size) == 0, "image_size must be divisible by 2 * patch_size"),
-            (self.width % self.num_heads == 0, "width must be divisible by num_heads"),
-            (self.dit_head_width % self.dit_head_num_heads == 0, "dit_head_width must be divisible by dit_head_num_heads"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"Config: {message}")
-        self.sampling.check(self)
+        check_config(self)  # (section 9)
+
+    def sampling_with(self, sampling=None, **changes):
+        """The sampling settings (default: this model's) with `changes` to fields by name, checked against this model:
+        what HiMAR.sample and sample.py's flags generate with."""
+        settings = replace(sampling or self.sampling, **changes)
+        check_sampling_for(settings, self)
+        return settings
 
     @property
     def num_dense(self):  # Nd
@@ -187,32 +154,6 @@ class Config:
     @property
     def token_dim(self):  # D
         return self.channels * self.patch_size**2
-
-
-PRESETS = {
-    # CPU tests: 16 pivots and 64 dense tokens of 4x4 pixels, about 0.3M parameters
-    "tiny": Config(patch_size=4, width=64, depth=2, num_heads=2, buffer_tokens=1,
-                   mlp_head_width=64, mlp_head_depth=2, dit_head_width=64, dit_head_depth=1, dit_head_num_heads=2,
-                   sampling=Sampling(pivot_steps=4, dense_steps=2, pivot_diffusion_steps=10, dense_diffusion_steps=10)),
-    # CIFAR-10, 32x32: 64 pivots and 256 dense tokens of 2x2 pixels (the paper's 8x8 / 16x16 layout), 31.4M parameters
-    "cifar10": Config(),
-    # ImageNet 64x64: 64 pivots and 256 dense tokens of 4x4 pixels; its heads and sampling are not yet tuned
-    "imagenet64": Config(image_size=64, patch_size=4, num_classes=1000, width=768, depth=16, num_heads=12,
-                         mlp_head_width=1024, mlp_head_depth=3, dit_head_width=384, dit_head_depth=3,
-                         dit_head_num_heads=6, dit_head_repeats=2,
-                         sampling=Sampling(pivot_steps=32, pivot_cfg=3.0, pivot_diffusion_steps=50, dense_diffusion_steps=50)),
-}
-
-
-def preset(name, **overrides):
-    """A named config, optionally with some fields changed: preset("cifar10", depth=8). Sampling settings can be
-    changed by name too: preset("tiny", dense_steps=4)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    cfg = PRESETS[name]
-    sampling_names = {f.name for f in fields(Sampling)}
-    sampling = replace(overrides.pop("sampling", cfg.sampling), **{k: v for k, v in overrides.items() if k in sampling_names})
-    return replace(cfg, sampling=sampling, **{k: v for k, v in overrides.items() if k not in sampling_names})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -569,6 +510,13 @@ class DiTBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
+class Denoising(NamedTuple):
+    """How a head runs its reverse diffusion at one generation step (Diffusion.sample)."""
+    steps: int  # denoising steps (respaced from the T of training)
+    sampler: str  # "ddpm" or "ddim"
+    temperature: float  # scales the noise of the DDPM sampler
+
+
 def masked_mean(loss, mask):
     """The mean of loss [...] over the True positions of mask [...]."""
     weight = mask.float()
@@ -602,7 +550,7 @@ class DiffusionHead(nn.Module):
         shift, scale = self.out_modulation(c).chunk(2, dim=-1)
         return self.output(self.out_norm(h) * (1 + scale) + shift)  # [B, L, D]
 
-    def denoise(self, z, z_null, cfg_scale, steps, sampler, temperature, generator, known=None, keep=None, length=None):
+    def denoise(self, z, z_null, cfg_scale, denoising, generator, known=None, keep=None, length=None):
         """Sample a map of tokens [B, L, D] by reverse diffusion (Diffusion.sample), conditioned per token on
         z [B, L, W] (or [B, 1, W], one condition for all `length` tokens). With z_null (the same positions under the
         null class), classifier-free guidance on the noise: eps = eps_null + cfg_scale * (eps_cond - eps_null);
@@ -615,7 +563,7 @@ class DiffusionHead(nn.Module):
             return eps_null + cfg_scale * (eps_cond - eps_null)
 
         noise = torch.randn(z.shape[0], length or z.shape[1], self.output.out_features, device=z.device, generator=generator)
-        return self.diffusion.sample(eps_fn, noise, steps, sampler, temperature, generator, known, keep)
+        return self.diffusion.sample(eps_fn, noise, denoising.steps, denoising.sampler, denoising.temperature, generator, known, keep)
 
 
 class MLPHead(DiffusionHead):
@@ -634,14 +582,14 @@ class MLPHead(DiffusionHead):
         loss = self.diffusion.loss(self, x0, z.flatten(0, 1).repeat(r, 1)[:, None])[:, 0]  # [r*B*N]
         return masked_mean(loss, mask.flatten().repeat(r))
 
-    def sample(self, tokens, mask, reveal, z, z_null, cfg_scale, steps, sampler, temperature, generator):
+    def sample(self, tokens, mask, reveal, z, z_null, cfg_scale, denoising, generator):
         """One generation step: the tokens revealed now (reveal [B, n], not necessarily as many in every image) are
         sampled, each from its own z_i and at its image's guidance scale (a number, or one per image [B, 1, 1]); the
         others [B, n, D] are returned unchanged."""
         B, n = reveal.shape
         one_each = lambda x: None if x is None else x[reveal][:, None]  # [K, 1, ...]: each revealed token is a map
         scale = one_each(torch.as_tensor(cfg_scale, device=z.device).expand(B, n, 1))  # [K, 1, 1]
-        sampled = self.denoise(one_each(z), one_each(z_null), scale, steps, sampler, temperature, generator)
+        sampled = self.denoise(one_each(z), one_each(z_null), scale, denoising, generator)
         tokens = tokens.clone()
         tokens[reveal] = sampled.flatten(0, 1).to(tokens.dtype)
         return tokens
@@ -668,11 +616,11 @@ class DiTHead(DiffusionHead):
         loss = self.diffusion.loss(self, tokens.repeat(r, 1, 1), z.repeat(r, 1, 1))  # [r*B, N]
         return (loss * mask.repeat(r, 1)).mean()
 
-    def sample(self, tokens, mask, reveal, z, z_null, cfg_scale, steps, sampler, temperature, generator):
+    def sample(self, tokens, mask, reveal, z, z_null, cfg_scale, denoising, generator):
         """One generation step: denoise the whole map, keeping the tokens revealed so far (~mask) by replacement at
         every denoising step; every still-masked position takes the new sample (those in `reveal` for good).
         cfg_scale: a number, or one per image [B, 1, 1]."""
-        sampled = self.denoise(z, z_null, cfg_scale, steps, sampler, temperature, generator, known=tokens, keep=~mask)
+        sampled = self.denoise(z, z_null, cfg_scale, denoising, generator, known=tokens, keep=~mask)
         return torch.where(mask[..., None], sampled.to(tokens.dtype), tokens)
 
 
@@ -837,10 +785,9 @@ class HiMAR(nn.Module):
 
     # --- sampling -----------------------------------------------------------------------------------
 
-    def unmask(self, phase, labels, known, keep, steps, cfg_scale, diffusion_steps, sampler, temperature, generator,
-               pivot_context=None, forced=None, frames=None):
-        """One phase of generation: reveal the phase's tokens in `steps` steps, in a random order, following the
-        cosine schedule. The tokens `known` [B, N, D] where keep [B, N] is True are given (editing; see
+    def unmask(self, phase, labels, known, keep, settings, generator, pivot_context=None, forced=None, frames=None):
+        """One phase of generation: reveal the phase's tokens in settings.steps steps (a PhaseSampling), in a random
+        order, following the cosine schedule. The tokens `known` [B, N, D] where keep [B, N] is True are given (editing; see
         known_tokens): they start revealed, and the schedule covers only the others (in fewer steps if fewer than
         `steps` are left, none if all are given). forced [B, N, D]: the values that the revealed tokens take instead
         of the head's samples (phase 1 with given pivots: the transformer still runs, so each pivot gets its z_s).
@@ -853,9 +800,10 @@ class HiMAR(nn.Module):
         mask = ~keep  # True = not yet revealed
         z_revealed = torch.zeros(B, n, cfg.width, device=device)
         orders = known_last(random_orders(B, n, device, generator), keep)
-        schedule = reveal_counts(mask.sum(dim=1), steps)  # [K, B]: per image, how many stay masked after each step
-        denoising_steps = diffusion_schedule(diffusion_steps, len(schedule))  # per generation step (annealed)
-        guided = cfg_scale != 1.0 and forced is None  # with forced values, no head samples: nothing to guide
+        schedule = reveal_counts(mask.sum(dim=1), settings.steps)  # [K, B]: per image, how many stay masked after each step
+        denoising = [Denoising(steps, settings.sampler, settings.temperature)  # per generation step (annealed steps)
+                     for steps in diffusion_schedule(settings.diffusion_steps, len(schedule))]
+        guided = settings.cfg_scale != 1.0 and forced is None  # with forced values, no head samples: nothing to guide
         # CFG: a second branch with the null class, sharing the tokens (and pivots) of the first
         if guided:
             labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
@@ -868,10 +816,10 @@ class HiMAR(nn.Module):
             z, z_null = z.chunk(2) if guided else (z, None)
             # 2. the positions revealed at this step, and the guidance scale (rising linearly with progress)
             reveal = mask & ~mask_by_order(orders, num_masked[:, None])  # [B, n]
-            scale = 1 + (cfg_scale - 1) * (n - num_masked.view(B, 1, 1)) / n  # [B, 1, 1]: per image, given tokens count
+            scale = 1 + (settings.cfg_scale - 1) * (n - num_masked.view(B, 1, 1)) / n  # [B, 1, 1]: per image, given tokens count
             # 3. the head samples them, in agreement with the tokens revealed before (or they take the forced values)
             if forced is None:
-                tokens = head.sample(tokens, mask, reveal, z, z_null, scale, denoising_steps[step], sampler, temperature, generator)
+                tokens = head.sample(tokens, mask, reveal, z, z_null, scale, denoising[step], generator)
             else:
                 tokens = torch.where(reveal[..., None], forced, tokens)
             # 4. the revealed tokens are fixed for good; keep their z
@@ -900,8 +848,7 @@ class HiMAR(nn.Module):
         the masked positions hold its latest sample), "mask" (True = not yet revealed), "revealed" (True = revealed
         at this step)}, the masks per token."""
         cfg = self.cfg
-        s = replace(sampling or cfg.sampling, **changes)
-        s.check(cfg)
+        s = cfg.sampling_with(sampling, **changes)
         labels = torch.as_tensor(labels, device=self.mask_token.device).long()
         if labels.dim() != 1 or labels.min() < 0 or labels.max() >= cfg.num_classes:
             raise ValueError(f"labels must be a list of class indices in [0, {cfg.num_classes})")
@@ -918,15 +865,13 @@ class HiMAR(nn.Module):
             context = None
             if cfg.pivots != "none":
                 # Phase 1: the low-resolution pivots, MLP head; keep each generated pivot's z_s
-                pivots, z_pivot = self.unmask(PIVOT, labels, known_pivots, pivot_keep, s.pivot_steps, s.pivot_cfg,
-                                              s.pivot_diffusion_steps, s.pivot_sampler, s.temperature, generator,
+                pivots, z_pivot = self.unmask(PIVOT, labels, known_pivots, pivot_keep, s.phase(PIVOT), generator,
                                               forced=forced, frames=frames)
                 # conditional tokens where phase 1 predicted the pivot, the placeholder where it was given (as in training)
                 dropped = torch.full(labels.shape, drop_pivots, device=device)
                 context = self.pivot_context(pivots, z_pivot, ~pivot_keep, dropped)
             # Phase 2: the dense tokens around the pivots, DiT head
-            dense, _ = self.unmask(DENSE, labels, known_dense, dense_keep, s.dense_steps, s.dense_cfg,
-                                   s.dense_diffusion_steps, s.dense_sampler, s.temperature, generator,
+            dense, _ = self.unmask(DENSE, labels, known_dense, dense_keep, s.phase(DENSE), generator,
                                    pivot_context=context, frames=frames)
 
         self.train(was_training)
@@ -952,3 +897,106 @@ def from_checkpoint(checkpoint, key="ema"):
     model = HiMAR(Config(**checkpoint["config"]))
     model.load_state_dict(checkpoint[key])
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Checks and presets: each setting in its range (with a sentence that names it), and the named configs
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_config(cfg):
+    """A ValueError for the first field of a Config out of its range, or a combination that cannot work (a size of 0
+    would divide by zero, a mask ratio above 1 never be drawn); its Sampling checked against it."""
+    fraction = lambda v: is_finite(v) and 0 <= v <= 1
+    check_fields(cfg, [
+        (("image_size", "channels", "patch_size", "num_classes", "width", "depth", "num_heads", "buffer_tokens",
+          "mlp_head_width", "mlp_head_depth", "mlp_head_repeats", "dit_head_width", "dit_head_depth",
+          "dit_head_num_heads", "dit_head_repeats", "diffusion_steps"), "a whole number >= 1",
+         lambda v: is_whole(v) and v >= 1),
+        (("mlp_ratio",), "a finite number > 0", lambda v: is_finite(v) and v > 0),
+        (("dropout", "mask_ratio_min"), "a number in [0, 1)", lambda v: fraction(v) and v < 1),
+        (("class_dropout", "pivot_dropout_start", "pivot_dropout_end"), "a probability, in [0, 1]", fraction),
+        (("pivot_dropout_warmup",), "a fraction of the run, in [0, 1]", fraction),
+        (("mask_ratio_std", "pivot_loss_weight", "dense_loss_weight"), "a finite number >= 0",
+         lambda v: is_finite(v) and v >= 0),
+        (("scale_vector",), "True or False", lambda v: isinstance(v, bool)),
+    ])
+    checks = [
+        (cfg.pivots in ("none", "visual", "conditional"), "pivots must be 'none', 'visual' or 'conditional'"),
+        (cfg.dense_head in ("mlp", "dit"), "dense_head must be 'mlp' or 'dit'"),
+        (cfg.pivots != "none" or cfg.dense_head == "mlp", "pivots='none' is MAR: it needs dense_head='mlp'"),
+        (cfg.image_size % (2 * cfg.patch_size) == 0, "image_size must be divisible by 2 * patch_size"),
+        (cfg.width % cfg.num_heads == 0, "width must be divisible by num_heads"),
+        (cfg.dit_head_width % cfg.dit_head_num_heads == 0, "dit_head_width must be divisible by dit_head_num_heads"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"Config: {message}")
+    check_sampling_for(cfg.sampling, cfg)
+
+
+def check_sampling(s):
+    """A ValueError for the first field of a Sampling out of its range."""
+    check_fields(s, [
+        (("pivot_steps", "dense_steps"), "at least 1", lambda v: is_whole(v) and v >= 1),
+        (("pivot_cfg", "dense_cfg"), "a finite number >= 0", lambda v: is_finite(v) and v >= 0),
+        (("temperature",), "a finite number > 0", lambda v: is_finite(v) and v > 0),
+        (("pivot_sampler", "dense_sampler"), f"one of the samplers {SAMPLERS}", lambda v: v in SAMPLERS),
+    ])
+    if min(s.pivot_diffusion_steps + s.dense_diffusion_steps) < 1:
+        raise ValueError("Sampling: diffusion steps must be at least 1")
+
+
+def check_sampling_for(s, cfg):
+    """The limits that depend on the model: at most one generation step per token, at most T denoising steps."""
+    for name, n in (("pivot_steps", cfg.num_pivots), ("dense_steps", cfg.num_dense)):
+        if getattr(s, name) > n:
+            raise ValueError(f"Sampling: {name} must be between 1 and the number of tokens ({n}), got {getattr(s, name)}")
+    if max(s.pivot_diffusion_steps + s.dense_diffusion_steps) > cfg.diffusion_steps:
+        raise ValueError(f"Sampling: diffusion steps must be between 1 and diffusion_steps ({cfg.diffusion_steps})")
+
+
+def is_whole(value):
+    """An int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite(value):
+    """An int or float (not a bool) that is neither inf nor NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_fields(settings, rules):
+    """A ValueError naming the first field of `settings` (a Config or Sampling) that breaks its rule; rules are
+    (field names, what each must be, a test of its value)."""
+    for names, what, ok in rules:
+        for name in names:
+            value = getattr(settings, name)
+            if not ok(value):
+                raise ValueError(f"{type(settings).__name__}: {name} must be {what}, got {value!r}")
+
+
+PRESETS = {
+    # CPU tests: 16 pivots and 64 dense tokens of 4x4 pixels, about 0.3M parameters
+    "tiny": Config(patch_size=4, width=64, depth=2, num_heads=2, buffer_tokens=1,
+                   mlp_head_width=64, mlp_head_depth=2, dit_head_width=64, dit_head_depth=1, dit_head_num_heads=2,
+                   sampling=Sampling(pivot_steps=4, dense_steps=2, pivot_diffusion_steps=10, dense_diffusion_steps=10)),
+    # CIFAR-10, 32x32: 64 pivots and 256 dense tokens of 2x2 pixels (the paper's 8x8 / 16x16 layout), 31.4M parameters
+    "cifar10": Config(),
+    # ImageNet 64x64: 64 pivots and 256 dense tokens of 4x4 pixels; its heads and sampling are not yet tuned
+    "imagenet64": Config(image_size=64, patch_size=4, num_classes=1000, width=768, depth=16, num_heads=12,
+                         mlp_head_width=1024, mlp_head_depth=3, dit_head_width=384, dit_head_depth=3,
+                         dit_head_num_heads=6, dit_head_repeats=2,
+                         sampling=Sampling(pivot_steps=32, pivot_cfg=3.0, pivot_diffusion_steps=50, dense_diffusion_steps=50)),
+}
+
+
+def preset(name, **overrides):
+    """A named config, optionally with some fields changed: preset("cifar10", depth=8). Sampling settings can be
+    changed by name too: preset("tiny", dense_steps=4)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name]
+    sampling_names = {f.name for f in fields(Sampling)}
+    sampling = replace(overrides.pop("sampling", cfg.sampling), **{k: v for k, v in overrides.items() if k in sampling_names})
+    return replace(cfg, sampling=sampling, **{k: v for k, v in overrides.items() if k not in sampling_names})

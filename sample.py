@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import fields, replace
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -150,8 +150,7 @@ def sampling_settings(args, cfg):
                 sys.exit(f"error: --{name.replace('_', '-')} takes one or two numbers (N, or FIRST LAST)")
             given[name] = tuple(given[name]) if len(given[name]) == 2 else given[name][0]
     try:
-        settings = replace(cfg.sampling, **given)
-        settings.check(cfg)
+        settings = cfg.sampling_with(**given)
     except ValueError as e:
         sys.exit(f"error: {e}")
     return settings

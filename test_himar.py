@@ -407,7 +407,7 @@ def test_dit_head_keeps_the_revealed_tokens_and_fills_the_masked_ones():
     reveal = mask & torch.tensor([True, False, False, False, True, False, False, False])
     seen = []
     head.register_forward_hook(lambda module, args, out: seen.append(args[0][:, ~mask[0]].clone()))
-    out = head.sample(tokens, mask, reveal, torch.randn(2, 8, 16), None, 1.0, 5, "ddim", 1.0, None)
+    out = head.sample(tokens, mask, reveal, torch.randn(2, 8, 16), None, 1.0, himar.Denoising(5, "ddim", 1.0), None)
     assert torch.equal(out[~mask], tokens[~mask]) and differ(out[mask], tokens[mask]) > 0.1
     # the revealed tokens were shown to the head at each denoising step, noised less and less
     gaps = [(x - tokens[:, ~mask[0]]).abs().mean().item() for x in seen]
@@ -567,7 +567,7 @@ def test_pivot_context_uses_conditions_where_predicted_and_the_placeholder_elsew
 def test_cfg_scale_one_equals_the_unguided_path():
     head = in_range(randomize(small_head("dit"), std=0.1), bound=0.25)  # so that guidance cannot hide in a clamp
     z, z_null = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
-    run = lambda z_null, scale: head.denoise(z, z_null, scale, 10, "ddpm", 1.0, torch.Generator().manual_seed(3))
+    run = lambda z_null, scale: head.denoise(z, z_null, scale, himar.Denoising(10, "ddpm", 1.0), torch.Generator().manual_seed(3))
     unguided = run(None, 1.0)
     assert torch.allclose(run(z_null, 1.0), unguided, atol=1e-5)
     guided = run(z_null, 3.0)

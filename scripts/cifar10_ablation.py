@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -69,7 +68,7 @@ class DiT(nn.Module):
         """Images [B, C, H, W] in [-1, 1] for class labels [B]: reverse diffusion of all tokens at once, with the
         dense settings of `sampling` (default: the config's) changed by `changes`."""
         cfg = self.cfg
-        s = replace(sampling or cfg.sampling, **changes)
+        s = cfg.sampling_with(sampling, **changes).phase(himar.DENSE)
         labels = torch.as_tensor(labels, device=self.class_embed.weight.device).long()
         device = labels.device
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
@@ -78,8 +77,8 @@ class DiT(nn.Module):
         was_training = self.training
         self.eval()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            tokens = self.net.denoise(z, z_null, s.dense_cfg, s.dense_diffusion_steps[0], s.dense_sampler,
-                                      s.temperature, generator, length=cfg.num_dense)
+            tokens = self.net.denoise(z, z_null, s.cfg_scale, himar.Denoising(s.diffusion_steps[0], s.sampler, s.temperature),
+                                      generator, length=cfg.num_dense)
         self.train(was_training)
         return himar.unpatchify(tokens, cfg.patch_size, cfg.channels).clamp(-1, 1)
 
