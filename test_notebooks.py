@@ -76,3 +76,50 @@ def text_of(cell):
     text = "".join("".join(p) if isinstance(p, list) else p for p in parts)
     text = re.sub(r"\d+(\.\d+)? ?s\b", "<seconds>", text)
     return re.sub(r"\d+\.\d+", "<decimal>", text)
+
+
+# A number that the markdown states as a measurement: a decimal, a percentage, or a time ("26 s", "3 min").
+QUOTED = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?=\s?(?:%|s\b|seconds\b|min\b))|(?<![\w.])(\d+\.\d+)(?![\w.])")
+CITES = re.compile(r"README|REPORT")  # a sentence that names where its number comes from
+
+
+def quoted_numbers(markdown):
+    """(number as written, its sentence) for each measurement a markdown cell quotes, code spans left out (they are
+    settings, not results), except in sentences that cite README or REPORT for their numbers."""
+    prose = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    prose = re.sub(r"`[^`]*`", "`code`", prose)
+    for sentence in re.split(r"(?<=[.;!?])\s+(?=[A-Z(])", prose):
+        if not CITES.search(sentence):
+            for match in QUOTED.finditer(sentence):
+                yield match.group(1) or match.group(2), sentence
+
+
+def printed_numbers(nb):
+    """Every number in a notebook's saved text outputs."""
+    text = [o.get("text", "") if o.get("output_type") == "stream" else o.get("data", {}).get("text/plain", "")
+            for cell in nb["cells"] if cell["cell_type"] == "code" for o in cell.get("outputs", [])]
+    return [float(v) for v in re.findall(r"\d+(?:\.\d+)?", " ".join("".join(t) for t in text))]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_every_number_the_markdown_quotes_is_printed_by_the_notebook(path):
+    """A measurement quoted in a notebook's text must be one its cells print (rounded as written: "0.06" matches a
+    printed 0.0571, "22 s" a printed 21.7), or its sentence must cite the README or REPORT section it comes from."""
+    import json
+
+    with open(path) as f:
+        nb = json.load(f)
+    printed = printed_numbers(nb)
+    for k, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "markdown":
+            for number, sentence in quoted_numbers("".join(cell["source"])):
+                places = len(number.partition(".")[2])
+                assert any(round(p, places) == float(number) for p in printed), (
+                    f"{os.path.basename(path)}, cell {k} quotes {number}, which no cell prints: {sentence!r}")
+
+
+def test_the_quoted_number_check_can_fail():
+    found = dict(quoted_numbers("Sampling took 26 s. The gap is 0.05 against 0.60 (REPORT.md). Use `K1 = 0.5`."))
+    assert list(found) == ["26"]
+    nb = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "stream", "text": "took 25.8 s, gap 0.0571"}]}]}
+    assert printed_numbers(nb) == [25.8, 0.0571]

@@ -114,6 +114,7 @@ def learning_rate(args, step, progress):
 
 
 def set_learning_rate(optimizer, lr):
+    """Give every parameter group the learning rate lr; returns it (for the log)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
