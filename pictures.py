@@ -26,9 +26,11 @@ def to_uint8(images):
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images, ncol, path, pad=2):
+def save_grid(images, ncol, path, pad=2, row_names=None):
     """Save images [N, C, H, W] in [-1, 1] as one PNG, ncol images per row, with white gaps; written whole (see
-    `written`), and not at all if an image holds NaN or inf (NonFiniteImages)."""
+    `written`), and not at all if an image holds NaN or inf (NonFiniteImages). row_names (one per row): each row's
+    name written at its left (with matplotlib, 10 pt at 110 dpi), the grid's pixels drawn unscaled beside them; without
+    them, the grid's pixels alone."""
     import matplotlib.pyplot as plt
 
     pictures = to_uint8(images)
@@ -39,7 +41,43 @@ def save_grid(images, ncol, path, pad=2):
         top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
         grid[top:top + h, left:left + w] = picture
     with checkpoints.written(path) as tmp:
-        plt.imsave(tmp, grid)
+        if row_names is None:
+            plt.imsave(tmp, grid)
+        else:
+            labelled_grid(grid, list(row_names), h + pad, pad).savefig(tmp, dpi=LABEL_DPI, facecolor="white")
+
+
+LABEL_DPI, LABEL_POINTS = 110, 10  # the row names of a labelled grid: 10 pt at 110 dpi, about 15 pixels high
+
+
+def labelled_grid(grid, row_names, row_height, pad):
+    """A matplotlib figure: the grid [H, W, C] uint8 at its own pixels (figimage: not resampled), with each row's
+    name right-aligned in a white margin at its left."""
+    from matplotlib.figure import Figure
+    from matplotlib.textpath import TextPath
+    from matplotlib.font_manager import FontProperties
+
+    if len(row_names) != (grid.shape[0] - pad) // row_height:
+        raise ValueError(f"{len(row_names)} row names for a grid of {(grid.shape[0] - pad) // row_height} rows")
+    font = FontProperties(size=LABEL_POINTS)
+    widest = max(TextPath((0, 0), str(name), prop=font).get_extents().width for name in row_names)  # in points
+    margin = int(math.ceil(widest * LABEL_DPI / 72)) + 12  # pixels
+    height, width = grid.shape[:2]
+    fig = Figure(figsize=((width + margin) / LABEL_DPI, height / LABEL_DPI), dpi=LABEL_DPI, facecolor="white")
+    fig.figimage(grid if grid.shape[2] == 3 else grid[..., :3], xo=margin, yo=0, origin="upper")
+    for r, name in enumerate(row_names):
+        middle = height - (pad + r * row_height + (row_height - pad) / 2)  # pixels from the bottom
+        fig.text((margin - 5) / (width + margin), middle / height, str(name), ha="right", va="center",
+                 fontsize=LABEL_POINTS, color="black")
+    return fig
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def class_names(labels, num_classes):
+    """Names for class indices: CIFAR-10's for a 10-class model, else "class k"."""
+    return [CIFAR10_CLASSES[k] if num_classes == 10 else f"class {k}" for k in labels]
 
 
 def masked(images, masks):
@@ -66,18 +104,43 @@ def picture(image, mask=None):
 
 
 def outline_revealed(ax, revealed, pixels_per_token):
-    """Outline in yellow, on an imshow axis, the tokens revealed at this step (revealed [h/p, w/p] bool)."""
-    from matplotlib.patches import Rectangle
+    """Outline, on an imshow axis, the tokens revealed at this step (revealed [h/p, w/p] bool): the border of the
+    region they cover, yellow over black, so that it shows on light and on dark pixels alike. A lone token gets a
+    square; neighbouring tokens one outline around them all (a step that reveals the whole map: its frame)."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.transforms import ScaledTranslation
 
-    s = pixels_per_token
-    for row, col in revealed.nonzero().tolist():
-        ax.add_patch(Rectangle((col * s - 0.5, row * s - 0.5), s, s, fill=False, edgecolor="yellow", linewidth=0.9))
+    s, revealed = pixels_per_token, np.asarray(revealed, dtype=bool)
+    rows, cols = revealed.shape
+    inside = np.pad(revealed, 1)  # False around the map
+    half = OUTLINE_POINTS[0] / 2 / 72  # inches: an edge on the picture's border is moved in by half the black line
+    edges = {(0, 0): [], (0, -half): [], (0, half): [], (half, 0): [], (-half, 0): []}  # by shift (right, up)
+    for r, c in zip(*revealed.nonzero()):
+        x0, y0, x1, y1 = c * s - 0.5, r * s - 0.5, (c + 1) * s - 0.5, (r + 1) * s - 0.5  # imshow's pixel edges
+        if not inside[r, c + 1]:  # the token above is not revealed at this step (or it is the top row)
+            edges[(0, -half) if r == 0 else (0, 0)].append([(x0, y0), (x1, y0)])
+        if not inside[r + 2, c + 1]:  # below
+            edges[(0, half) if r == rows - 1 else (0, 0)].append([(x0, y1), (x1, y1)])
+        if not inside[r + 1, c]:  # left
+            edges[(half, 0) if c == 0 else (0, 0)].append([(x0, y0), (x0, y1)])
+        if not inside[r + 1, c + 2]:  # right
+            edges[(-half, 0) if c == cols - 1 else (0, 0)].append([(x1, y0), (x1, y1)])
+    for (right, up), lines in edges.items():
+        if lines:
+            shifted = ax.transData + ScaledTranslation(right, up, ax.figure.dpi_scale_trans)
+            for colour, width, z in zip(("black", "yellow"), OUTLINE_POINTS, (3, 4)):  # black under yellow
+                ax.add_collection(LineCollection(lines, colors=colour, linewidths=width, capstyle="projecting",
+                                                 zorder=z, transform=shifted), autolim=False)
+
+
+OUTLINE_POINTS = (2.4, 1.0)  # the widths of the outline's black and yellow lines
 
 
 def show_grid(rows, titles=None, row_names=None, size=1.2):
     """The notebooks' image grid: rows of images [C, h, w] in [-1, 1] (lists, or batches [n, C, h, w]) drawn with
     picture; `titles` over the top row (one per column) or over every image (one list per row); `row_names` on the
-    left. Text is black, at size 8. Returns the matplotlib axes [rows, columns]."""
+    left. Text is black, at 9 pt. Returns the matplotlib axes [rows, columns] (assign them, `_ = show_grid(...)`, so
+    that a notebook does not print them under the figure)."""
     import matplotlib.pyplot as plt
 
     columns = max(len(row) for row in rows)
@@ -92,9 +155,9 @@ def show_grid(rows, titles=None, row_names=None, size=1.2):
                 continue
             ax.imshow(picture(row[c]), interpolation="nearest")
             if titles is not None and (every_image or r == 0):
-                ax.set_title((titles[r] if every_image else titles)[c], fontsize=8, pad=2)
+                ax.set_title((titles[r] if every_image else titles)[c], fontsize=9, pad=2)
         if row_names:
-            axes[r, 0].set_ylabel(row_names[r], fontsize=8, rotation=0, ha="right", va="center")
+            axes[r, 0].set_ylabel(row_names[r], fontsize=9, rotation=0, ha="right", va="center")
     fig.tight_layout(pad=0.3)
     return axes
 
@@ -102,7 +165,7 @@ def show_grid(rows, titles=None, row_names=None, size=1.2):
 def trajectory_figure(frames, path, num_show):
     """The two-phase unmasking as one figure: a row per sample, a column per step. Phase 1 shows the pivot
     image (upsampled 2x), phase 2 the dense image; tokens not yet revealed are magenta, those revealed at that
-    step outlined in yellow. A .gif path also writes an animation."""
+    step outlined (yellow over black: outline_revealed) at every step. A .gif path also writes an animation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,11 +185,10 @@ def trajectory_figure(frames, path, num_show):
         for i in range(num_show):
             ax = axes[i, j]
             ax.imshow(pictures[j][i], interpolation="nearest")
-            if frame["revealed"][i].sum() <= side * side // 8:  # outlines for a few tokens; not over a whole region
-                outline_revealed(ax, frame["revealed"][i], pictures[j].shape[1] // side)
+            outline_revealed(ax, frame["revealed"][i], pictures[j].shape[1] // side)
             ax.set_xticks([]), ax.set_yticks([])
         title = "pivots" if frame["phase"] == "pivot" else "dense"
-        axes[0, j].set_title(f"{title} {frame['step']}", fontsize=7)
+        axes[0, j].set_title(f"{title} {frame['step']}", fontsize=9)
     fig.tight_layout(pad=0.3)
     if path.endswith(".gif"):
         from matplotlib.animation import FuncAnimation, PillowWriter
@@ -140,10 +202,10 @@ def trajectory_figure(frames, path, num_show):
         def show(j):
             for i, artist in enumerate(artists):
                 artist.set_data(pictures[j][i])
-            fig.suptitle(f"{frames[j]['phase']} step", fontsize=8)
+            fig.suptitle(f"{frames[j]['phase']} step", fontsize=9)
             return artists
 
         FuncAnimation(fig, show, frames=steps, interval=400).save(path, writer=PillowWriter(fps=3))
     else:
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=110)
     plt.close(fig)

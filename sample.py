@@ -292,7 +292,7 @@ def run(args):
         images, frames = class_grid(model, rows, per_class, args.seed, device, sampling=sampling, trajectory=True)
         if args.grid:
             verb = wrote(args.grid)
-            pictures.save_grid(images, per_class, args.grid)
+            pictures.save_grid(images, per_class, args.grid, row_names=pictures.class_names(rows, cfg.num_classes))
             print(f"{verb} {args.grid}: {len(rows)} classes x {per_class}, in {time.time() - start:.1f} s")
         if args.trajectory:
             first_of_each = list(range(0, min(4, len(rows)) * per_class, per_class))  # one sample of each of 4 classes

@@ -54,7 +54,8 @@ def test_train_then_sample_end_to_end(image_folder, tmp_path):
     sample.main(["--ckpt", str(out / "checkpoint.pt"), "--grid", str(grid), "--labels", "0", "1", "--per-class", "3",
                  "--num-images", "6", "--npz", str(npz), "--trajectory", str(gif), "--device", "cpu", "--batch-size", "4",
                  "--dense-diffusion-steps", "3", "1"])
-    assert np.asarray(Image.open(grid)).shape[:2] == (2 * 34 + 2, 3 * 34 + 2)  # 2 rows x 3 images of 32 px + gaps
+    height, width = np.asarray(Image.open(grid)).shape[:2]  # 2 rows x 3 images of 32 px + gaps, the class names left
+    assert height == 2 * 34 + 2 and width > 3 * 34 + 2
     data = np.load(npz)
     assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (6, 32, 32, 3)
     assert data["arr_1"].tolist() == [0, 1, 2, 3, 4, 5]
@@ -664,6 +665,37 @@ def test_show_grid_draws_every_image_with_its_title_and_blanks_short_rows():
     top_only = pictures.show_grid([images, images], titles=["x", "y", "z"])
     assert [ax.get_title() for ax in top_only[0]] == ["x", "y", "z"] and all(ax.get_title() == "" for ax in top_only[1])
     plt.close("all")
+
+
+def test_save_grid_names_its_rows_on_the_left_and_keeps_the_plain_grid_without_names(tmp_path):
+    images = torch.rand(5, 3, 8, 8) * 2 - 1  # 2 rows of 3, the second short
+    pictures.save_grid(images, 3, tmp_path / "plain.png")
+    plain = np.asarray(Image.open(tmp_path / "plain.png"))[..., :3]
+    expected = np.full((2 * 10 + 2, 3 * 10 + 2, 3), 255, dtype=np.uint8)  # white, 2-pixel gaps
+    for i, tile in enumerate(pictures.to_uint8(images)):
+        expected[2 + 10 * (i // 3):10 + 10 * (i // 3), 2 + 10 * (i % 3):10 + 10 * (i % 3)] = tile
+    assert (plain == expected).all()  # the pixels alone, exactly as before row names existed
+
+    pictures.save_grid(images, 3, tmp_path / "named.png", row_names=["airplane", "cat"])
+    named = np.asarray(Image.open(tmp_path / "named.png"))[..., :3]
+    assert named.shape[0] == plain.shape[0] and named.shape[1] > plain.shape[1] + 30  # a margin for the names
+    assert (named[:, -plain.shape[1]:] == plain).all()  # the grid itself, unscaled, at the right
+    margin = named[:, :-plain.shape[1]]
+    for row in range(2):  # dark pixels (the name) in each row's band of the margin
+        assert (margin[2 + 10 * row:10 + 10 * row] < 128).any()
+    with pytest.raises(ValueError, match="3 row names for a grid of 2 rows"):
+        pictures.save_grid(images, 3, tmp_path / "wrong.png", row_names=["a", "b", "c"])
+    assert pictures.class_names([0, 9], 10) == ["airplane", "truck"] and pictures.class_names([2], 4) == ["class 2"]
+
+
+def test_the_class_grid_of_sample_py_names_its_rows(tiny_checkpoint, tmp_path):
+    grid = tmp_path / "grid.png"
+    sample.main(["--ckpt", tiny_checkpoint, "--labels", "3", "5", "--per-class", "2", "--grid", str(grid),
+                 "--trajectory", "", "--device", "cpu"])
+    shown = np.asarray(Image.open(grid))[..., :3]
+    assert shown.shape[0] == 2 * 34 + 2 and shown.shape[1] > 2 * 34 + 2 + 20  # 2 rows, the names at their left
+    margin = shown[:, :-(2 * 34 + 2)]
+    assert all((margin[2 + 34 * row:34 + 34 * row] < 128).any() for row in range(2))
 
 
 def test_ddp_ranks_stop_with_a_message_when_rank_0_cannot_read_the_data(tmp_path):
