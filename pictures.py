@@ -162,10 +162,11 @@ def show_grid(rows, titles=None, row_names=None, size=1.2):
     return axes
 
 
-def trajectory_figure(frames, path, num_show):
+def trajectory_figure(frames, path, num_show, row_names=None):
     """The two-phase unmasking as one figure: a row per sample, a column per step. Phase 1 shows the pivot
     image (upsampled 2x), phase 2 the dense image; tokens not yet revealed are magenta, those revealed at that
-    step outlined (yellow over black: outline_revealed) at every step. A .gif path also writes an animation."""
+    step outlined (yellow over black: outline_revealed) at every step; row_names (one per sample) at the left. A .gif
+    path also writes an animation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,6 +190,8 @@ def trajectory_figure(frames, path, num_show):
             ax.set_xticks([]), ax.set_yticks([])
         title = "pivots" if frame["phase"] == "pivot" else "dense"
         axes[0, j].set_title(f"{title} {frame['step']}", fontsize=9)
+    for i, name in enumerate(row_names or []):
+        axes[i, 0].set_ylabel(name, fontsize=9, rotation=0, ha="right", va="center")
     fig.tight_layout(pad=0.3)
     if path.endswith(".gif"):
         from matplotlib.animation import FuncAnimation, PillowWriter

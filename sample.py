@@ -209,12 +209,12 @@ def check_args(args):
             sys.exit(f"error: cannot write {path}: the folder {folder} does not exist or is not writable")
 
 
-def write_trajectory(frames, which, path):
+def write_trajectory(frames, which, path, row_names=None):
     """The trajectory figure (or animation) of the samples `which` (their indices in the batch), written whole."""
     frames = [{**f, "image": f["image"][which], "mask": f["mask"][which]} for f in frames]
     verb = wrote(path)
     with checkpoints.written(path) as tmp:
-        pictures.trajectory_figure(frames, tmp, len(which))
+        pictures.trajectory_figure(frames, tmp, len(which), row_names)
     print(f"{verb} {path}: {len(frames)} steps")
 
 
@@ -296,7 +296,7 @@ def run(args):
             print(f"{verb} {args.grid}: {len(rows)} classes x {per_class}, in {time.time() - start:.1f} s")
         if args.trajectory:
             first_of_each = list(range(0, min(4, len(rows)) * per_class, per_class))  # one sample of each of 4 classes
-            write_trajectory(frames, first_of_each, args.trajectory)
+            write_trajectory(frames, first_of_each, args.trajectory, pictures.class_names(rows[:4], cfg.num_classes))
 
     if args.npz:
         from tqdm import tqdm

@@ -8,6 +8,7 @@ their own, `python -m pytest -q -m notebooks`; the quick checks of the saved fil
 """
 
 import glob
+import itertools
 import os
 import re
 
@@ -85,13 +86,20 @@ CITES = re.compile(r"README|REPORT")  # a sentence that names where its number c
 
 def quoted_numbers(markdown):
     """(number as written, its sentence) for each measurement a markdown cell quotes, code spans left out (they are
-    settings, not results), except in sentences that cite README or REPORT for their numbers."""
+    settings, not results), except in sentences that cite README or REPORT for their numbers. A table's numbers
+    are cited by the text just above it."""
     prose = re.sub(r"```.*?```", "", markdown, flags=re.S)
     prose = re.sub(r"`[^`]*`", "`code`", prose)
-    for sentence in re.split(r"(?<=[.;!?])\s+(?=[A-Z(])", prose):
-        if not CITES.search(sentence):
-            for match in QUOTED.finditer(sentence):
-                yield match.group(1) or match.group(2), sentence
+    cited = False  # whether the text above a table names its source
+    for is_table, lines in itertools.groupby(prose.split("\n"), key=lambda line: line.lstrip().startswith("|")):
+        text = "\n".join(lines)
+        sentences = [text] if is_table else re.split(r"(?<=[.;!?])\s+(?=[A-Z(])", text)
+        for sentence in sentences:
+            if not (CITES.search(sentence) or (is_table and cited)):
+                for match in QUOTED.finditer(sentence):
+                    yield match.group(1) or match.group(2), sentence
+        if not is_table:
+            cited = bool(CITES.search(text))
 
 
 def printed_numbers(nb):
@@ -121,5 +129,7 @@ def test_every_number_the_markdown_quotes_is_printed_by_the_notebook(path):
 def test_the_quoted_number_check_can_fail():
     found = dict(quoted_numbers("Sampling took 26 s. The gap is 0.05 against 0.60 (REPORT.md). Use `K1 = 0.5`."))
     assert list(found) == ["26"]
+    assert not dict(quoted_numbers("From REPORT.md:\n\n| a | 1.5 |\n| b | 2.5 |"))  # a table whose source is said above it
+    assert list(dict(quoted_numbers("Measured:\n\n| a | 1.5 |"))) == ["1.5"]
     nb = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "stream", "text": "took 25.8 s, gap 0.0571"}]}]}
     assert printed_numbers(nb) == [25.8, 0.0571]
