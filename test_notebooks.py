@@ -2,7 +2,7 @@
 
 The notebooks are executed in memory (the files are not rewritten), with notebooks/ as the working directory, as
 when they are opened there, and their text outputs must match the saved ones (timings and decimals aside): a notebook
-saved before the code changed fails until it is re-executed. Together they take about 9 minutes on a 2-core CPU
+saved before the code changed fails until it is re-executed. Together they take about 6 minutes on a 2-core CPU
 (notebook 2 samples from the shipped checkpoint, notebook 3 trains a tiny model), so these runs have a command of
 their own, `python -m pytest -q -m notebooks`; the quick checks of the saved files run with the other tests.
 """

@@ -244,6 +244,30 @@ def test_ablation_study_runs_end_to_end(image_folder, tmp_path, monkeypatch, cap
         study.main(["grids", str(tmp_path / "nothing"), str(tmp_path / "none.png")])
 
 
+def test_sampling_sweep_gives_phase_2_the_test_images_pivots_with_their_labels(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+    import sampling_sweep
+
+    test = cifar_batch(first=3, n=6)  # labels 3, 4, ..., 8: not the classes in turn that plain sampling takes
+    (write_cifar(tmp_path) / "test_batch").write_bytes(pickle.dumps(test))
+    images = torch.from_numpy(test[b"data"].reshape(-1, 3, 32, 32)).float() / 127.5 - 1
+    model = himar.HiMAR(himar.preset("tiny")).eval()
+    given, plain_sample = [], model.sample
+
+    def sample(labels, pivots=None, **settings):  # the model's own sample, watching the pivots it is given
+        given.append(pivots)
+        return plain_sample(labels, pivots=pivots, **settings)
+    monkeypatch.setattr(model, "sample", sample)
+    row = sampling_sweep.sample_and_score(model, 6, {}, batch_size=4, keep=tmp_path / "s.npz", warmup=2,
+                                          test_pivots=str(tmp_path))
+    assert np.load(tmp_path / "s.npz")["arr_1"].tolist() == test[b"labels"]
+    assert torch.equal(torch.cat(given[1:]), himar.downsample(images))  # after the warm-up call, the 6 in batches
+    assert row["n"] == 6 and row["pivots"] == "the real test images'"
+    given.clear()
+    sampling_sweep.sample_and_score(model, 4, {}, batch_size=4, warmup=2)
+    assert given == [None, None]  # without test_pivots, phase 1 samples them
+
+
 def test_training_flops_count_attention_on_cpu():
     # a training step costs about three forward passes (backward: two products per product of the forward);
     # without attention, which PyTorch cannot count in the CPU's fused kernel, it would be about 2.7 for tiny

@@ -12,6 +12,14 @@ One JSON line per setting: the setting, seconds, images/s, and the scorer's outp
 
 scores real CIFAR-10 test images (from DATA/cifar-10-batches-py) as '{"pivots_only": true}' shows pivots:
 downsampled 2x, then enlarged 2x. That is the best a perfect phase 1 could score.
+
+    python scripts/sampling_sweep.py --ckpt CKPT --scorer PATH/score_cifar10.py --test-pivots DATA --settings '{}'
+
+gives phase 1 the real test images' pivots (downsampled 2x) and their labels instead of sampling them
+(HiMAR.sample's pivots=). Phase 2 reads no pivot values, only the conditional tokens made from z_s, the
+transformer's output at each pivot's position at the step it was revealed, before its value was known: so this
+is not "phase 2 behind a perfect phase 1" but how phase 2 follows real layouts. On the 20-minute model it scored
+worse than around the model's own pivots (REPORT.md, "Pivot dropout 0, and phase 2 around real pivots").
 """
 
 import argparse
@@ -58,9 +66,10 @@ def score(scorer, images, labels, device_type):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def generate(model, labels, seed, setting):
-    """model.sample(labels, seed=seed, **setting), or with setting["pivots_only"] the pivot images, enlarged 2x."""
-    setting = dict(setting)
+def generate(model, labels, pivots=None, *, seed, setting):
+    """model.sample(labels, seed=seed, **setting), or with setting["pivots_only"] the pivot images, enlarged 2x.
+    pivots: given pivot images, which phase 1 takes instead of sampling (HiMAR.sample's pivots)."""
+    setting = dict(setting) if pivots is None else dict(setting, pivots=pivots)  # (models without pivots take none)
     if not setting.pop("pivots_only", False):
         return model.sample(labels, seed=seed, **setting)
     _, frames = model.sample(labels, seed=seed, trajectory=True, **setting)
@@ -76,21 +85,32 @@ def compile_heads(model):
             module.compile()
 
 
-def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, keep=None, warmup=8):
+def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, keep=None, warmup=8, test_pivots=None):
     """Sample num_images images (classes in turn) with model.sample(**setting), timed after `warmup` untimed ones
     (a whole batch after compile_heads, so that compiling is not timed), and score them with the scorer script if
     one is given. Returns {"setting", "n", "seconds", "images_per_s", scores...}. keep: also save the samples there
-    (an npz in the ADM layout)."""
+    (an npz in the ADM layout). test_pivots: a CIFAR-10 folder; phase 2 then generates around its first
+    num_images test images' pivots, with their labels."""
     device = next(model.parameters()).device
-    labels = torch.arange(num_images) % model.cfg.num_classes
-    generate(model, labels[:warmup].to(device), 123, setting)
+    labels, pivots = torch.arange(num_images) % model.cfg.num_classes, None
+    if test_pivots:
+        images, test_labels = test_images(test_pivots, num_images)
+        labels = torch.from_numpy(test_labels).long()
+        pivots = himar.downsample(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)  # [N, C, H/2, W/2]
+
+    def batch(i, n):  # the labels and the given pivots (None: phase 1 samples them) of images i to i + n - 1
+        return labels[i:i + n].to(device), None if pivots is None else pivots[i:i + n].to(device)
+
+    generate(model, *batch(0, warmup), seed=123, setting=setting)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.time()
-    chunks = [pictures.to_uint8(generate(model, labels[i:i + batch_size].to(device), i, setting))
+    chunks = [pictures.to_uint8(generate(model, *batch(i, batch_size), seed=i, setting=setting))
               for i in range(0, num_images, batch_size)]
     seconds = time.time() - start
     row = {"setting": setting, "n": num_images, "seconds": round(seconds, 1), "images_per_s": round(num_images / seconds, 1)}
+    if test_pivots:
+        row["pivots"] = "the real test images'"
     images = np.concatenate(chunks)
     if keep:
         np.savez(keep, arr_0=images, arr_1=labels.numpy())
@@ -103,6 +123,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt")
     p.add_argument("--real-pivots", metavar="DATA", help="score real test images as pivots instead (see above)")
+    p.add_argument("--test-pivots", metavar="DATA", help="phase 2 around the real test images' pivots (see above)")
     p.add_argument("--scorer", help="path of score_cifar10.py (skip scoring if not given)")
     p.add_argument("--num-images", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=2500)
@@ -127,7 +148,7 @@ def main():
         compile_heads(model)
     for text in args.settings:
         row = sample_and_score(model, args.num_images, json.loads(text), args.scorer, args.batch_size,
-                               warmup=args.batch_size if compiled else 8)
+                               warmup=args.batch_size if compiled else 8, test_pivots=args.test_pivots)
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
