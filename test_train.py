@@ -63,6 +63,18 @@ def test_train_then_sample_end_to_end(image_folder, tmp_path):
     assert Image.open(gif).n_frames == cfg.sampling.pivot_steps + cfg.sampling.dense_steps
 
 
+def test_keep_at_keeps_the_checkpoints_of_those_steps(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(train_args(image_folder, out, 5, "--keep-at", "2", "4", "--ckpt-every", "100", "--log-every", "100"))
+    kept = {step: torch.load(out / f"checkpoint_{step}.pt") for step in (2, 4)}
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint_")) == ["checkpoint_2.pt", "checkpoint_4.pt"]
+    assert [kept[2]["step"], kept[4]["step"], torch.load(out / "checkpoint.pt")["step"]] == [2, 4, 5]
+    changed = [n for n in kept[2]["ema"] if not torch.equal(kept[2]["ema"][n], kept[4]["ema"][n])]
+    assert changed  # two different moments of the run
+    with pytest.raises(SystemExit):
+        train.parse_args(["--keep-at", "0"])
+
+
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(image_folder, tmp_path):
     train.main(train_args(image_folder, tmp_path / "straight", 6))
     train.main(train_args(image_folder, tmp_path / "resumed", 3))
@@ -203,13 +215,20 @@ def test_max_minutes_counts_the_time_of_earlier_segments(image_folder, tmp_path)
     assert [r["step"] for r in rows] == [3, 6, 7] and rows[-1]["minutes"] * 60 > first
 
 
-def test_ablation_study_runs_end_to_end(image_folder, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def study(monkeypatch):
+    """scripts/cifar10_ablation.py with its plain DiT at the tiny preset's size (not the real baseline's), and MAR
+    with few sampling steps, to keep the tests quick on a CPU."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
     import cifar10_ablation as study
 
-    monkeypatch.setitem(study.VARIANTS, "dit", ("plain DiT", []))  # the tiny preset's size, not the real baseline's
-    label, sets = study.VARIANTS["mar"]  # and MAR with few sampling steps, to keep the test quick on a CPU
+    monkeypatch.setitem(study.VARIANTS, "dit", ("plain DiT", []))
+    label, sets = study.VARIANTS["mar"]
     monkeypatch.setitem(study.VARIANTS, "mar", (label, [*sets, "dense_steps=4", "dense_diffusion_steps=10"]))
+    return study
+
+
+def test_ablation_study_runs_end_to_end(study, image_folder, tmp_path, capsys):
     out = tmp_path / "study"
     study.main(["run", "--out", str(out), "--preset", "tiny", "--variants", "mar", "dit", "--score-at", "0.002", "0.004",
                 "--num-images", "10", "--final-images", "20", "--batch-size", "10", "--log-every", "2",
@@ -266,6 +285,41 @@ def test_sampling_sweep_gives_phase_2_the_test_images_pivots_with_their_labels(t
     given.clear()
     sampling_sweep.sample_and_score(model, 4, {}, batch_size=4, warmup=2)
     assert given == [None, None]  # without test_pivots, phase 1 samples them
+    with pytest.raises(SystemExit, match="has 6 test images; give --num-images 6 or fewer"):
+        sampling_sweep.sample_and_score(model, 8, {}, test_pivots=str(tmp_path))
+
+
+def test_ablation_study_at_equal_steps_scores_each_run_along_the_way_per_seed(study, image_folder, tmp_path, capsys):
+    out = tmp_path / "study"
+    argv = ["run", "--out", str(out), "--preset", "tiny", "--variants", "mar", "dit", "--steps", "4", "--score-steps",
+            "0.5", "--num-images", "10", "--num-images-mlp", "6", "--final-images", "20", "--batch-size", "10",
+            "--cfgs", "1.5", "3", "--curve-cfg", "3", "--device", "cpu",
+            "--train-flags", "--dataset", "folder", "--data-dir", image_folder, "--batch-size", "8", "--warmup-steps", "1"]
+    study.main(argv)
+    second_seed = [*argv[:argv.index("--variants")], "--variants", "dit", "--seeds", "1", *argv[argv.index("--steps"):]]
+    study.main(second_seed)  # a second seed of one row, into the same study
+    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    for name, seed in [("mar", 0), ("dit", 0), ("dit", 1)]:
+        run = [r for r in rows if r["variant"] == name and r["seed"] == seed]
+        assert [r["kind"] for r in run] == ["curve", "curve", "sweep", "final"]
+        assert [r["step"] for r in run] == [2, 4, 4, 4] and {(r["budget"], r["unit"]) for r in run} == {(4, "steps")}
+        assert [r["n"] for r in run] == [6, 6, 6, 20] if name == "mar" else [10, 10, 10, 20]
+        folder = out / (name if seed == 0 else f"{name}_seed{seed}")
+        kept = torch.load(folder / "checkpoint_2.pt", weights_only=False)
+        assert kept["step"] == 2 and kept["args"]["max_steps"] == 4 and kept["args"]["lr_schedule"] == "cosine"
+        assert kept["args"]["seed"] == seed and (folder / "final_grid.png").exists()
+    assert run[0]["minutes"] < run[1]["minutes"]
+    study.main(argv)  # again: everything is in results.jsonl, so nothing is trained or sampled twice
+    assert len(open(out / "results.jsonl").readlines()) == len(rows)
+    with open(out / "results.jsonl", "w") as f:  # as if a scorer had scored every sample set
+        f.writelines(json.dumps({**r, "fd": 10.0 + i, "acc": 0.5}) + "\n" for i, r in enumerate(rows))
+    capsys.readouterr()
+    study.main(["report", str(out), "--plot", str(tmp_path / "curves.png")])
+    table = capsys.readouterr().out
+    assert "| 1. MAR: no pivots, MLP head | 0 |" in table and "| plain DiT | 1 |" in table
+    assert "At equal steps: 4 steps" in table and "At equal time:" in table and (tmp_path / "curves.png").exists()
+    with pytest.raises(SystemExit):
+        study.parse_args(["run", "--steps", "100", "--score-at", "5"])
 
 
 def test_training_flops_count_attention_on_cpu():

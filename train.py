@@ -16,6 +16,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -252,11 +253,11 @@ class Run:
 
     def log_sample_save(self):
         """Every --log-every steps a row of metrics.jsonl (and loss.png), every --sample-every a grid, every
-        --ckpt-every a checkpoint; all three at the end, at a stop request (then Interrupted) and at the end of
+        --ckpt-every (and at each --keep-at step, kept under its own name too) a checkpoint; all three at the end, at a stop request (then Interrupted) and at the end of
         --max-minutes (then True: the loop ends)."""
         args, done = self.args, self.done
         last = done == args.max_steps or self.interrupted or self.out_of_time
-        if not (last or done % args.log_every == 0 or done % args.ckpt_every == 0):
+        if not (last or done % args.log_every == 0 or done % args.ckpt_every == 0 or done in args.keep_at):
             return False
         if self.bad.item():  # stop before anything non-finite reaches a checkpoint
             raise TrainingStopped(diverged(f"the loss or its gradient became NaN or inf between step "
@@ -277,8 +278,11 @@ class Run:
                 self.bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{self.lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"} | budget)
             if done % args.sample_every == 0 or done == args.max_steps or self.out_of_time:
                 self.sample_grid()
-            if done % args.ckpt_every == 0 or last:
+            if done % args.ckpt_every == 0 or last or done in args.keep_at:
                 self.save()
+            if done in args.keep_at and self.main:
+                with checkpoints.written(os.path.join(args.out_dir, f"checkpoint_{done}.pt")) as tmp:
+                    shutil.copyfile(self.ckpt_path, tmp)
         except OSError as e:  # a full disk, a folder gone read-only: the checkpoint it replaced is whole
             raise TrainingStopped(f"could not write in {args.out_dir} after step {done} ({e.strerror or e}): make "
                                   f"room there. {saved_so_far(self.last_saved, self.ckpt_path)}.") from None
@@ -674,6 +678,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=2000)
     p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--keep-at", type=int, nargs="+", default=[], metavar="STEP",
+                   help="also keep the checkpoint of these steps, as checkpoint_<step>.pt (to score a run along the way: "
+                        "scripts/cifar10_ablation.py)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     # the flags given on this command line (the others may come from a run's checkpoint when resuming)
@@ -696,6 +703,8 @@ def check_args(args, error):
     for name in ("max_steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
         if getattr(args, name) <= 0:
             error(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}")
+    if any(step <= 0 for step in args.keep_at):
+        error(f"--keep-at takes step numbers from 1 to --max-steps, got {args.keep_at}")
     for name in ("grad_clip", "max_minutes"):
         if getattr(args, name) is not None and not 0 < getattr(args, name) < math.inf:  # (NaN fails too)
             error(f"--{name.replace('_', '-')} must be > 0 and finite, got {getattr(args, name)}")

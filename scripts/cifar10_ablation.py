@@ -1,22 +1,27 @@
-"""Does the hierarchy help? The paper's ablation (Table 5) on CIFAR-10 at equal training time, plus a plain DiT.
+"""Does the hierarchy help? The paper's ablation (Table 5) on CIFAR-10, plus a plain DiT, at equal steps.
 
     python scripts/cifar10_ablation.py run --scorer PATH/score_cifar10.py --data-dir DATA --out runs/ablation
+    python scripts/cifar10_ablation.py run ... --variants mar himar dit --seeds 1      # a second seed of three rows
     python scripts/cifar10_ablation.py report runs/ablation --plot figures/cifar10_ablation.png
     python scripts/cifar10_ablation.py grids runs/ablation figures/cifar10_ablation_samples.png
 
-`run` trains every variant (or those named by --variants) one after the other on the same GPU, with train.py's
-training loop and the same data, seed, token layout, batch and EMA, for the same training time. Each run is
-trained in segments that end at the --score-at minutes; after each segment the EMA weights sample
---num-images images with CFG --curve-cfg and are scored (the curves of score against training time). After
-the last segment, each CFG of --cfgs is tried on --num-images images, and 10,000 images are sampled with the
-best one (lowest fd), timed, and scored: the table's numbers. Everything measured is appended to
-OUT/results.jsonl as it comes, each row tagged with its budget (the last --score-at) and GPU; `report` turns
-that file into markdown tables (one row per variant and budget; and the equal-steps view: every curve read at
-the step count that the slowest variant reached) and a plot; `grids` puts the variants' final sample grids
+`run` trains every variant (or those named by --variants), for each seed of --seeds, one after the other on the
+same GPU, with train.py, the same data, token layout and batch, and the cifar10 recipe's settings: for --steps steps
+(by default those that the recipe's Hi-MAR makes in 10 minutes on one H100), with the learning-rate schedule over
+them. Each run keeps its checkpoint at the --score-steps fractions of its steps (train.py --keep-at); once it is
+done, each kept EMA model samples --num-images images (--num-images-mlp for the variants whose dense tokens an MLP
+head draws, slow to sample) at the variant's curve CFG and is scored: the curves, against steps and against the
+training minutes the run had taken there (so the same runs also give the equal-time reading). Then each CFG of
+--cfgs is tried at the last checkpoint, and --final-images images are sampled with the best one (lowest fd),
+timed and scored: the table's numbers. Everything measured is appended to OUT/results.jsonl as it comes, each row
+tagged with its variant, seed, budget and GPU; a study run again skips what that file already holds, and a run cut
+off mid-training resumes from its checkpoint. `report` turns the file into markdown tables (the final rows; every
+curve read at equal steps and at equal time) and a plot; `grids` puts the variants' final sample grids (seed 0)
 side by side.
 
-The learning rate is constant after the warm-up, so that a run stopped at any time is as finished as it will
-get; the cifar10 recipe's cosine decay would favour the runs whose length it was set for.
+With --score-at MINUTES instead of --steps, the study is at equal training time, as it first was: each run trains
+in segments that end at those minutes, with a constant learning rate after the warm-up (a run stopped at any time
+is then as finished as it will get) and without CUDA graphs, and is scored after each segment.
 """
 
 import argparse
@@ -96,6 +101,7 @@ VARIANTS = {
     "himar": ("5. Hi-MAR: 4 + scale vector", []),
     "dit": ("plain DiT (baseline)", ["width=384", "depth=12", "num_heads=6"]),
 }
+EQUAL_STEPS = 7800  # the cifar10 recipe's Hi-MAR on one H100: 3,280 to 3,343 images/s (REPORT.md) x 600 s / 256
 DIT_LR = 4e-4  # the DiT baseline is twice as deep and wider; 8e-4 (the cifar10 recipe) is aggressive for it
 
 
@@ -133,35 +139,48 @@ def load_ema(name, checkpoint_path, device):
     return model.eval(), checkpoint
 
 
-def run_variant(name, args, log):
-    """Train one variant in segments, scoring after each; then the CFG sweep and the 10,000-image score."""
-    out = os.path.join(args.out, name)
+def run_variant(name, seed, args, log):
+    """Train one variant with one seed, scoring its EMA model along the way (the curve); then the CFG sweep and
+    the final score. At equal steps (--steps): one run of --steps steps that keeps its checkpoint at the --score-steps
+    fractions, each scored once the run is done; at equal time (--score-at): the run in segments that end at those
+    minutes, scored after each."""
+    out = os.path.join(args.out, name if seed == 0 else f"{name}_seed{seed}")
+    if earlier_row(args, name, seed, "final"):
+        print(f"{VARIANTS[name][0]}, seed {seed}: done before (its final row is in {args.out}/results.jsonl)")
+        return
     checkpoint_path = os.path.join(out, "checkpoint.pt")
     sets = [x for s in VARIANTS[name][1] for x in ("--set", s)]
     common = ["--data-dir", args.data_dir, "--preset", args.preset, "--out-dir", out, "--device", args.device,
-              "--max-steps", "100000000", "--lr-schedule", "constant", "--log-every", str(args.log_every),
-              "--ckpt-every", "100000000", "--sample-every", "100000000", "--seed", "0",
-              "--no-cuda-graphs",  # as the rows in REPORT.md were measured (--train-flags --cuda-graphs overrides it)
-              *args.train_flags, *sets]
+              "--log-every", str(args.log_every), "--sample-every", "100000000", "--seed", str(seed)]
+    if args.steps:  # the recipe's schedule (warm-up, cosine decay) over the steps, CUDA graphs as it sets them
+        keep = sorted({max(1, round(f * args.steps)) for f in args.score_steps})
+        common += ["--max-steps", str(args.steps), "--ckpt-every", "1000", "--keep-at", *map(str, keep)]
+    else:  # a constant lr after the warm-up, so that a run stopped at any time is as finished as it will get
+        common += ["--max-steps", "100000000", "--lr-schedule", "constant", "--ckpt-every", "100000000",
+                   "--no-cuda-graphs"]  # as the equal-time rows in REPORT.md were measured
+    common += [*args.train_flags, *sets]
     if name == "dit" and "--lr" not in args.train_flags:
         common += ["--lr", str(DIT_LR)]
     curve_cfg, cfgs = sweep_scales(name, args)
-    for minutes in args.score_at:
-        resume = ["--resume"] if os.path.exists(checkpoint_path) else []
-        train.train(train.parse_args(common + ["--max-minutes", str(minutes)] + resume), model_class=model_class(name))
-        model, checkpoint = load_ema(name, checkpoint_path, args.device)
-        at = {"variant": name, "budget": args.score_at[-1], "step": checkpoint["step"],
-              "minutes": round(checkpoint["train_seconds"] / 60, 3), "params": model.num_params(),
-              "batch_size": checkpoint["args"]["batch_size"], "device": device_name(args.device)}
-        curve = {**at, "kind": "curve", "cfg": curve_cfg,
-                 **sample_and_score(model, args.num_images, cfg_setting(name, curve_cfg), args.scorer, args.batch_size)}
-        log(curve)
-
+    if args.steps:
+        if not os.path.exists(os.path.join(out, f"checkpoint_{args.steps}.pt")):  # (else trained by an earlier study run)
+            train.train(train.parse_args(common + resumed(checkpoint_path)), model_class=model_class(name))
+        scored = [curve_point(name, seed, args, os.path.join(out, f"checkpoint_{step}.pt"), curve_cfg, log) for step in keep]
+    else:
+        scored = []
+        for minutes in args.score_at:
+            args_now = train.parse_args(common + ["--max-minutes", str(minutes)] + resumed(checkpoint_path))
+            train.train(args_now, model_class=model_class(name))
+            scored.append(curve_point(name, seed, args, checkpoint_path, curve_cfg, log))
+    model, curve = scored[-1]
+    at = {k: v for k, v in curve.items() if k in ATTRIBUTES}
     sweep = {curve_cfg: curve}  # the last curve point is the sweep's entry for curve_cfg
     for scale in cfgs:
         if scale not in sweep:
-            sweep[scale] = {**at, "kind": "sweep", "cfg": scale,
-                            **sample_and_score(model, args.num_images, cfg_setting(name, scale), args.scorer, args.batch_size)}
+            sweep[scale] = earlier_row(args, name, seed, "sweep", cfg=scale)
+        if sweep[scale] is None:
+            sweep[scale] = {**at, "kind": "sweep", "cfg": scale, **sample_and_score(
+                model, curve_images(name, args), cfg_setting(name, scale), args.scorer, args.batch_size)}
             log(sweep[scale])
     best = min(sweep, key=lambda s: sweep[s].get("fd", 0.0))  # without a scorer: the first
     samples = os.path.join(out, "final_samples.npz")
@@ -169,6 +188,50 @@ def run_variant(name, args, log):
     log({**at, "kind": "final", "cfg": best, **final})
     save_class_grid(samples, os.path.join(out, "final_grid.png"), model.cfg.num_classes)
     os.remove(samples)
+
+
+def resumed(checkpoint_path):
+    """--resume where a run's checkpoint is (a run cut off goes on from it), else nothing."""
+    return ["--resume"] if os.path.exists(checkpoint_path) else []
+
+
+ATTRIBUTES = ("variant", "seed", "budget", "unit", "step", "minutes", "params", "batch_size", "device")  # of each row
+
+
+def budget_of(args):
+    """The study's budget and its unit: (--steps, "steps") at equal steps, (the last --score-at, "min") at equal time."""
+    return (args.steps, "steps") if args.steps else (args.score_at[-1], "min")
+
+
+def earlier_row(args, name, seed, kind, **match):
+    """The row of this kind that an earlier run of the study logged for this variant, seed and budget, with the
+    values in `match` (e.g. step=...), or None."""
+    want = {"variant": name, "seed": seed, "kind": kind, "budget": budget_of(args)[0], **match}
+    return next((r for r in read_results(args.out) if all(r.get(k, 0 if k == "seed" else None) == v
+                                                          for k, v in want.items())), None)
+
+
+def curve_point(name, seed, args, path, scale, log):
+    """Score the EMA model of a checkpoint at guidance `scale` (unless an earlier run of the study did): (the model,
+    its curve row)."""
+    model, checkpoint = load_ema(name, path, args.device)
+    earlier = earlier_row(args, name, seed, "curve", step=checkpoint["step"])
+    if earlier:
+        return model, earlier
+    budget, unit = budget_of(args)
+    row = {"variant": name, "seed": seed, "budget": budget, "unit": unit, "step": checkpoint["step"],
+           "minutes": round(checkpoint["train_seconds"] / 60, 3), "params": model.num_params(),
+           "batch_size": checkpoint["args"]["batch_size"], "device": device_name(args.device), "kind": "curve",
+           "cfg": scale, **sample_and_score(model, curve_images(name, args), cfg_setting(name, scale), args.scorer,
+                                            args.batch_size)}
+    log(row)
+    return model, row
+
+
+def curve_images(name, args):
+    """Samples per curve point and per CFG of the sweep: fewer for the variants whose dense tokens an MLP head draws
+    (64 generation steps of 200 denoising steps each: about 45 images/s on an H100)."""
+    return args.num_images_mlp if "dense_head=mlp" in VARIANTS[name][1] else args.num_images
 
 
 def save_class_grid(npz_path, png_path, num_classes, per_class=10):
@@ -185,83 +248,98 @@ def read_results(out):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
-def at_step(curve, step, key):
-    """curve's value of key at a step count, linear between the two scored points around it (None outside)."""
-    steps = [r["step"] for r in curve]
-    return float(np.interp(step, steps, [r[key] for r in curve])) if steps[0] <= step <= steps[-1] else None
+def at_step(curve, at, key, axis="step"):
+    """curve's value of key where its `axis` ("step" or "minutes") is `at`, linear between the two scored points
+    around it (None outside)."""
+    xs = [r[axis] for r in curve]
+    return float(np.interp(at, xs, [r[key] for r in curve])) if xs[0] <= at <= xs[-1] else None
 
 
 def report(out, plot=None):
-    """A markdown table of the final rows (one per variant and budget), a table of fd and acc at equal steps,
-    and (with plot) fd and acc against training time and steps: for each variant, the curve of its longest
-    budget."""
+    """Markdown tables: the final rows (one per variant, seed and budget); every curve read at equal steps (the step
+    count that the slowest run reached) and at equal time (the minutes of the shortest run). With plot: fd and acc
+    against training time, and fd against steps, one line per variant and seed (the curve of its largest budget)."""
     rows = read_results(out)
     if not rows:
         raise SystemExit(f"error: no results in {out}: run the study first")
     names = [n for n in VARIANTS if any(r["variant"] == n for r in rows)]
-    lines = ["| variant | parameters | steps in the budget | training images/s | best CFG | `fd` | `acc` | sampling images/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| variant | seed | parameters | steps (training minutes) | training images/s | best CFG | `fd` | `acc` | "
+             "sampling images/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n in names:
-        finals = sorted((r for r in rows if r["variant"] == n and r["kind"] == "final"), key=lambda r: r["budget"])
+        finals = sorted((r for r in rows if r["variant"] == n and r["kind"] == "final"),
+                        key=lambda r: (r["budget"], r.get("seed", 0)))
         if not finals:
-            lines.append(f"| {VARIANTS[n][0]} | (not finished) | | | | | | |")
+            lines.append(f"| {VARIANTS[n][0]} | | (not finished) | | | | | | |")
         for r in finals:
             train_rate = r["step"] * r["batch_size"] / (60 * r["minutes"])
             fd, acc = (f"{r['fd']:.1f}", f"{r['acc']:.2f}") if "fd" in r else ("-", "-")
-            lines.append(f"| {VARIANTS[n][0]} | {r['params'] / 1e6:.1f}M | {r['step']:,} ({r['minutes']:.1f} min) | "
-                         f"{train_rate:,.0f} | {r['cfg']:g} | {fd} | {acc} | {r['images_per_s']:.0f} |")
+            lines.append(f"| {VARIANTS[n][0]} | {r.get('seed', 0)} | {r['params'] / 1e6:.1f}M | {r['step']:,} "
+                         f"({r['minutes']:.1f} min) | {train_rate:,.0f} | {r['cfg']:g} | {fd} | {acc} | "
+                         f"{r['images_per_s']:.0f} |")
     print("\n".join(lines))
-    curves = {}  # variant -> the scored curve of its longest budget
+    curves = {}  # (variant, seed) -> the scored curve of its largest budget
     for n in names:
-        scored = [r for r in rows if r["variant"] == n and r["kind"] == "curve" and "fd" in r]
-        if scored:
-            budget = max(r["budget"] for r in scored)
-            curves[n] = [r for r in scored if r["budget"] == budget]
+        for seed in sorted({r.get("seed", 0) for r in rows if r["variant"] == n}):
+            scored = [r for r in rows if r["variant"] == n and r.get("seed", 0) == seed and r["kind"] == "curve"
+                      and "fd" in r]
+            if scored:
+                budget = max(r["budget"] for r in scored)
+                curves[n, seed] = sorted((r for r in scored if r["budget"] == budget), key=lambda r: r["step"])
     if not curves:  # unscored runs have no curves
         return
     first = next(iter(curves.values()))[0]  # the curves' GPU, for the captions
     counts = sorted({r["n"] for curve in curves.values() for r in curve})  # samples per curve point
     count = " or ".join(f"{n:,}" for n in counts) + " samples"
-    # the equal-steps view: every curve read at the step count that the slowest variant reached
-    step = min(curve[-1]["step"] for curve in curves.values())
-    print(f"\nAt equal steps: {step:,} steps, read off each curve ({count} at its curve CFG; "
-          "linear between its scored points)\n")
-    print(f"| variant | training minutes to {step:,} steps | `fd` | `acc` |\n| --- | --- | --- | --- |")
-    for n, curve in curves.items():
-        at = {k: at_step(curve, step, k) for k in ("minutes", "fd", "acc")}
-        if at["fd"] is None:
-            print(f"| {VARIANTS[n][0]} | (its curve starts after {step:,} steps) | | |")
-        else:
-            print(f"| {VARIANTS[n][0]} | {at['minutes']:.1f} | {at['fd']:.1f} | {at['acc']:.2f} |")
+    for axis, unit in (("step", "steps"), ("minutes", "training minutes")):
+        # every curve read where the shortest one ends (linear between its scored points)
+        at = min(curve[-1][axis] for curve in curves.values())
+        print(f"\nAt equal {'steps' if axis == 'step' else 'time'}: {at:,.4g} {unit}, read off each curve ({count} "
+              f"per point, at its curve CFG; linear between its scored points)\n")
+        other = "minutes" if axis == "step" else "step"
+        print(f"| variant | seed | {other if other == 'minutes' else 'steps'} there | `fd` | `acc` | samples |\n"
+              "| --- | --- | --- | --- | --- | --- |")
+        for (n, seed), curve in curves.items():
+            read = {k: at_step(curve, at, k, axis) for k in (other, "fd", "acc")}
+            if read["fd"] is None:
+                print(f"| {VARIANTS[n][0]} | {seed} | (its curve starts after {at:,.4g} {unit}) | | | |")
+            else:
+                there = f"{read[other]:,.0f}" if other == "step" else f"{read[other]:.1f}"
+                print(f"| {VARIANTS[n][0]} | {seed} | {there} | {read['fd']:.1f} | {read['acc']:.2f} | "
+                      f"{curve[-1]['n']:,} |")
     if plot:
-        import matplotlib
+        plot_curves(curves, plot, f"CIFAR-10 on {first['device']}: EMA samples scored along each run ({count} "
+                                  f"per point, at its curve CFG)")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        from matplotlib.ticker import ScalarFormatter
+def plot_curves(curves, plot, title):
+    """fd and acc against training minutes, fd against steps: a colour per variant, a line style per seed; a run
+    of a smaller budget than the largest is drawn thin."""
+    import matplotlib
 
-        longest = max(curve[0]["budget"] for curve in curves.values())
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
-        for n, curve in curves.items():
-            short = curve[0]["budget"] < longest  # a variant not yet run for the longest budget: dashed
-            label = VARIANTS[n][0] + (f" ({curve[0]['budget']:g}-min run)" if short else "")
-            for ax, (x, y) in zip(axes, [("minutes", "fd"), ("minutes", "acc"), ("step", "fd")]):
-                ax.plot([r[x] for r in curve], [r[y] for r in curve], marker="o", ls="--" if short else "-",
-                        label=label)
-        for ax, (x, y) in zip(axes, [("training minutes", "fd"), ("training minutes", "acc"),
-                                     ("training steps (batch 256)", "fd")]):
-            ax.set_xlabel(x), ax.set_ylabel(y), ax.grid(alpha=0.3, which="both")
-        for ax in axes[0], axes[2]:
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ScalarFormatter()), ax.yaxis.set_minor_formatter(ScalarFormatter())
-        fig.suptitle(f"CIFAR-10, equal training time on {first['device']}: EMA samples scored along the way "
-                     f"({count} each, at its curve CFG)", fontsize=10)
-        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
-        fig.tight_layout(rect=(0, 0.12, 1, 1))
-        fig.savefig(plot, dpi=90)
-        plt.close(fig)
-        print(f"wrote {plot}")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    largest = max(curve[0]["budget"] for curve in curves.values())
+    colours = {n: f"C{i}" for i, n in enumerate(VARIANTS)}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
+    for (n, seed), curve in curves.items():
+        small = curve[0]["budget"] < largest
+        label = VARIANTS[n][0] + (f", seed {seed}" if seed else "") + (f" ({curve[0]['budget']:g} {curve[0].get('unit', 'min')})" if small else "")
+        for ax, (x, y) in zip(axes, [("minutes", "fd"), ("minutes", "acc"), ("step", "fd")]):
+            ax.plot([r[x] for r in curve], [r[y] for r in curve], marker="o", color=colours[n],
+                    ls=["-", "--", ":"][min(seed, 2)], lw=0.8 if small else 1.5, label=label)
+    for ax, (x, y) in zip(axes, [("training minutes", "fd"), ("training minutes", "acc"), ("training steps", "fd")]):
+        ax.set_xlabel(x), ax.set_ylabel(y), ax.grid(alpha=0.3, which="both")
+    for ax in axes[0], axes[2]:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter()), ax.yaxis.set_minor_formatter(ScalarFormatter())
+    fig.suptitle(title, fontsize=10)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.savefig(plot, dpi=110)
+    plt.close(fig)
+    print(f"wrote {plot}")
 
 
 def grids(out, png, per_class=6):
@@ -294,9 +372,17 @@ def parse_args(argv=None):
     r.add_argument("--data-dir", default="./data", help="the folder that holds cifar-10-batches-py/")
     r.add_argument("--scorer", help="path of score_cifar10.py (without it, samples are timed but not scored)")
     r.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    r.add_argument("--score-at", type=float, nargs="+", default=[2.0, 5.0, 10.0],
-                   help="training minutes after which to score; the last is each variant's budget")
+    r.add_argument("--steps", type=int, help="equal steps (the default): train each run this long, with the recipe's "
+                   f"schedule over them (default {EQUAL_STEPS:,}, what the recipe's Hi-MAR makes in 10 minutes on one H100)")
+    r.add_argument("--score-steps", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0],
+                   help="at equal steps: the fractions of --steps at which each run's EMA model is scored")
+    r.add_argument("--score-at", type=float, nargs="+",
+                   help="equal time instead: training minutes after which to score; the last is each run's budget")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0], help="a run of each variant for each seed")
     r.add_argument("--num-images", type=int, default=2000, help="samples per curve point and per CFG of the sweep")
+    r.add_argument("--num-images-mlp", type=int,
+                   help="the same for the variants whose dense tokens an MLP head draws, slow to sample (default: "
+                        "--num-images)")
     r.add_argument("--final-images", type=int, default=10000, help="samples for the final score, with the best CFG")
     r.add_argument("--curve-cfg", type=float, help="the CFG of the curve points (default: the middle of the sweep's)")
     r.add_argument("--cfgs", type=float, nargs="+",
@@ -316,8 +402,16 @@ def parse_args(argv=None):
     g.add_argument("png")
     args = p.parse_args(argv)
     if args.command == "run":
-        if args.score_at != sorted(args.score_at) or args.score_at[0] <= 0:
+        if args.score_at and args.steps:
+            p.error("give --steps (equal steps) or --score-at (equal time), not both")
+        if args.score_at and (args.score_at != sorted(args.score_at) or args.score_at[0] <= 0):
             p.error("--score-at must be positive minutes in increasing order")
+        if not args.score_at:
+            args.steps = args.steps or EQUAL_STEPS
+            if args.steps <= 0 or not all(0 < f <= 1 for f in args.score_steps):
+                p.error("--steps must be positive and --score-steps fractions in (0, 1]")
+            args.score_steps = sorted({*args.score_steps, 1.0})  # the last point is the run's end
+        args.num_images_mlp = args.num_images_mlp or args.num_images
         if args.scorer and not os.path.isfile(args.scorer):
             p.error(f"--scorer {args.scorer}: no such file")
     return args
@@ -336,11 +430,12 @@ def main(argv=None):
         with open(os.path.join(args.out, "results.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    for name in args.variants:
-        try:
-            run_variant(name, args, log)
-        except (SystemExit, train.TrainingStopped) as e:  # a variant that fails (e.g. its loss diverges) is reported
-            log({"variant": name, "kind": "failed", "error": str(e)})
+    for seed in args.seeds:
+        for name in args.variants:
+            try:
+                run_variant(name, seed, args, log)
+            except (SystemExit, train.TrainingStopped) as e:  # a run that fails (e.g. its loss diverges) is reported
+                log({"variant": name, "seed": seed, "kind": "failed", "error": str(e)})
     report(args.out)
 
 

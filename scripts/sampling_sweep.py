@@ -95,6 +95,9 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, k
     labels, pivots = torch.arange(num_images) % model.cfg.num_classes, None
     if test_pivots:
         images, test_labels = test_images(test_pivots, num_images)
+        if len(images) < num_images:
+            raise SystemExit(f"error: --test-pivots: {test_pivots} has {len(images):,} test images; give --num-images "
+                             f"{len(images):,} or fewer")
         labels = torch.from_numpy(test_labels).long()
         pivots = himar.downsample(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)  # [N, C, H/2, W/2]
 
