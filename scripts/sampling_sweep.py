@@ -23,6 +23,7 @@ worse than around the model's own pivots (REPORT.md, "Pivot dropout 0, and phase
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -113,13 +114,34 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, k
     seconds = time.time() - start
     row = {"setting": setting, "n": num_images, "seconds": round(seconds, 1), "images_per_s": round(num_images / seconds, 1)}
     if test_pivots:
-        row["pivots"] = "the real test images'"
+        row["given_pivots"] = "test images"
     images = np.concatenate(chunks)
     if keep:
         np.savez(keep, arr_0=images, arr_1=labels.numpy())
     if scorer:
         row.update(score(scorer, images, labels.numpy(), device.type))
     return row
+
+
+SAMPLE_OPTIONS = ("drop_pivots", "pivots_only")  # a setting's keys beside the fields of himar.Sampling
+
+
+def parse_setting(text, cfg, error):
+    """A --settings entry as a dict, checked against the model's config: JSON, Sampling fields with values in range,
+    or the options above; error(message) otherwise."""
+    try:
+        setting = json.loads(text)
+    except json.JSONDecodeError as e:
+        error(f"--settings {text}: not JSON ({e.msg}); write e.g. '{{\"pivot_cfg\": 25}}'")
+    fields = {f.name for f in dataclasses.fields(himar.Sampling)}
+    if not isinstance(setting, dict) or set(setting) - fields - set(SAMPLE_OPTIONS):
+        error(f"--settings {text}: give a JSON object whose keys are fields of himar.Sampling ({', '.join(sorted(fields))}) "
+              f"or {' / '.join(SAMPLE_OPTIONS)}")
+    try:
+        cfg.sampling_with(**{k: v for k, v in setting.items() if k in fields})
+    except (TypeError, ValueError) as e:
+        error(f"--settings {text}: {e}")
+    return setting
 
 
 def main():
@@ -136,6 +158,8 @@ def main():
     p.add_argument("--settings", nargs="+", default=["{}"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    if args.real_pivots and not args.scorer:
+        p.error("--real-pivots scores images: give --scorer PATH/score_cifar10.py")
     if args.real_pivots:
         images, labels = test_images(args.real_pivots, args.num_images)
         pivots = himar.downsample(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
@@ -146,11 +170,14 @@ def main():
     if not args.ckpt:
         p.error("give --ckpt CHECKPOINT (or --real-pivots DATA)")
     model = checkpoints.load_model(args.ckpt, args.device)
+    if args.test_pivots and model.cfg.pivots == "none":
+        p.error(f"--test-pivots: {args.ckpt} has no pivot phase (a MAR model, pivots='none')")
+    settings = [parse_setting(text, model.cfg, p.error) for text in args.settings]
     compiled = args.compile or (args.compile is None and model.mask_token.is_cuda)
     if compiled:
         compile_heads(model)
-    for text in args.settings:
-        row = sample_and_score(model, args.num_images, json.loads(text), args.scorer, args.batch_size,
+    for setting in settings:
+        row = sample_and_score(model, args.num_images, setting, args.scorer, args.batch_size,
                                warmup=args.batch_size if compiled else 8, test_pivots=args.test_pivots)
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
