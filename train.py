@@ -253,8 +253,8 @@ class Run:
 
     def log_sample_save(self):
         """Every --log-every steps a row of metrics.jsonl (and loss.png), every --sample-every a grid, every
-        --ckpt-every (and at each --keep-at step, kept under its own name too) a checkpoint; all three at the end, at a stop request (then Interrupted) and at the end of
-        --max-minutes (then True: the loop ends)."""
+        --ckpt-every a checkpoint (and at each --keep-at step, also kept under its own name); all three at the end, at
+        a stop request (then Interrupted) and at the end of --max-minutes (then True: the loop ends)."""
         args, done = self.args, self.done
         last = done == args.max_steps or self.interrupted or self.out_of_time
         if not (last or done % args.log_every == 0 or done % args.ckpt_every == 0 or done in args.keep_at):

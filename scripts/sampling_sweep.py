@@ -90,8 +90,8 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, k
     """Sample num_images images (classes in turn) with model.sample(**setting), timed after `warmup` untimed ones
     (a whole batch after compile_heads, so that compiling is not timed), and score them with the scorer script if
     one is given. Returns {"setting", "n", "seconds", "images_per_s", scores...}. keep: also save the samples there
-    (an npz in the ADM layout). test_pivots: a CIFAR-10 folder; phase 2 then generates around its first
-    num_images test images' pivots, with their labels."""
+    (an npz in the ADM layout). test_pivots: a CIFAR-10 folder; phase 1 then takes the pivots of its first
+    num_images test images, with their labels, instead of sampling them."""
     device = next(model.parameters()).device
     labels, pivots = torch.arange(num_images) % model.cfg.num_classes, None
     if test_pivots:
@@ -148,7 +148,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt")
     p.add_argument("--real-pivots", metavar="DATA", help="score real test images as pivots instead (see above)")
-    p.add_argument("--test-pivots", metavar="DATA", help="phase 2 around the real test images' pivots (see above)")
+    p.add_argument("--test-pivots", metavar="DATA", help="phase 1 given the real test images' pivots (see above)")
     p.add_argument("--scorer", help="path of score_cifar10.py (skip scoring if not given)")
     p.add_argument("--num-images", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=2500)
