@@ -108,29 +108,23 @@ def outline_revealed(ax, revealed, pixels_per_token):
     region they cover, yellow over black, so that it shows on light and on dark pixels alike. A lone token gets a
     square; neighbouring tokens one outline around them all (a step that reveals the whole map: its frame)."""
     from matplotlib.collections import LineCollection
-    from matplotlib.transforms import ScaledTranslation
 
     s, revealed = pixels_per_token, np.asarray(revealed, dtype=bool)
-    rows, cols = revealed.shape
     inside = np.pad(revealed, 1)  # False around the map
-    half = OUTLINE_POINTS[0] / 2 / 72  # inches: an edge on the picture's border is moved in by half the black line
-    edges = {(0, 0): [], (0, -half): [], (0, half): [], (half, 0): [], (-half, 0): []}  # by shift (right, up)
+    edges = []  # the sides of revealed tokens whose neighbour there is not revealed at this step
     for r, c in zip(*revealed.nonzero()):
         x0, y0, x1, y1 = c * s - 0.5, r * s - 0.5, (c + 1) * s - 0.5, (r + 1) * s - 0.5  # imshow's pixel edges
-        if not inside[r, c + 1]:  # the token above is not revealed at this step (or it is the top row)
-            edges[(0, -half) if r == 0 else (0, 0)].append([(x0, y0), (x1, y0)])
+        if not inside[r, c + 1]:  # above
+            edges.append([(x0, y0), (x1, y0)])
         if not inside[r + 2, c + 1]:  # below
-            edges[(0, half) if r == rows - 1 else (0, 0)].append([(x0, y1), (x1, y1)])
+            edges.append([(x0, y1), (x1, y1)])
         if not inside[r + 1, c]:  # left
-            edges[(half, 0) if c == 0 else (0, 0)].append([(x0, y0), (x0, y1)])
+            edges.append([(x0, y0), (x0, y1)])
         if not inside[r + 1, c + 2]:  # right
-            edges[(-half, 0) if c == cols - 1 else (0, 0)].append([(x1, y0), (x1, y1)])
-    for (right, up), lines in edges.items():
-        if lines:
-            shifted = ax.transData + ScaledTranslation(right, up, ax.figure.dpi_scale_trans)
-            for colour, width, z in zip(("black", "yellow"), OUTLINE_POINTS, (3, 4)):  # black under yellow
-                ax.add_collection(LineCollection(lines, colors=colour, linewidths=width, capstyle="projecting",
-                                                 zorder=z, transform=shifted), autolim=False)
+            edges.append([(x1, y0), (x1, y1)])
+    for colour, width, z in zip(("black", "yellow"), OUTLINE_POINTS, (3, 4)):  # black under yellow
+        ax.add_collection(LineCollection(edges, colors=colour, linewidths=width, capstyle="projecting", zorder=z,
+                                         clip_on=False), autolim=False)  # (unclipped: whole on the picture's border)
 
 
 OUTLINE_POINTS = (2.4, 1.0)  # the widths of the outline's black and yellow lines
