@@ -53,6 +53,13 @@ def test_images(data_dir, n):
     return images[:n], np.asarray(batch[b"labels"])[:n]
 
 
+def test_pivots_of(data_dir, n):
+    """The pivot images of the first n CIFAR-10 test images (their 2x downsample), [n, C, 16, 16] in [-1, 1], and
+    their labels [n]."""
+    images, labels = test_images(data_dir, n)
+    return himar.downsample(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1), labels
+
+
 def enlarge(images):
     """Low-resolution images [B, C, h, w] in [-1, 1] -> [B, C, 2h, 2w], bilinear."""
     return F.interpolate(images, scale_factor=2, mode="bilinear", align_corners=False).clamp(-1, 1)
@@ -95,12 +102,11 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, k
     device = next(model.parameters()).device
     labels, pivots = torch.arange(num_images) % model.cfg.num_classes, None
     if test_pivots:
-        images, test_labels = test_images(test_pivots, num_images)
-        if len(images) < num_images:
-            raise SystemExit(f"error: --test-pivots: {test_pivots} has {len(images):,} test images; give --num-images "
-                             f"{len(images):,} or fewer")
+        pivots, test_labels = test_pivots_of(test_pivots, num_images)  # [N, C, H/2, W/2], [N]
+        if len(pivots) < num_images:
+            raise SystemExit(f"error: --test-pivots: {test_pivots} has {len(pivots):,} test images; give --num-images "
+                             f"{len(pivots):,} or fewer")
         labels = torch.from_numpy(test_labels).long()
-        pivots = himar.downsample(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)  # [N, C, H/2, W/2]
 
     def batch(i, n):  # the labels and the given pivots (None: phase 1 samples them) of images i to i + n - 1
         return labels[i:i + n].to(device), None if pivots is None else pivots[i:i + n].to(device)
@@ -161,9 +167,8 @@ def main():
     if args.real_pivots and not args.scorer:
         p.error("--real-pivots scores images: give --scorer PATH/score_cifar10.py")
     if args.real_pivots:
-        images, labels = test_images(args.real_pivots, args.num_images)
-        pivots = himar.downsample(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
-        row = {"setting": "real test images, downsampled 2x and enlarged 2x", "n": len(images),
+        pivots, labels = test_pivots_of(args.real_pivots, args.num_images)
+        row = {"setting": "real test images, downsampled 2x and enlarged 2x", "n": len(pivots),
                **score(args.scorer, pictures.to_uint8(enlarge(pivots)), labels, "cpu")}
         print(json.dumps(row))
         return
