@@ -289,15 +289,21 @@ def test_sampling_sweep_gives_phase_2_the_test_images_pivots_with_their_labels(t
         sampling_sweep.sample_and_score(model, 8, {}, test_pivots=str(tmp_path))
 
 
-def test_ablation_study_at_equal_steps_scores_each_run_along_the_way_per_seed(study, image_folder, tmp_path, capsys):
+def test_ablation_study_at_equal_steps_scores_each_run_along_the_way_per_seed(study, image_folder, tmp_path, capsys,
+                                                                              monkeypatch):
     out = tmp_path / "study"
     argv = ["run", "--out", str(out), "--preset", "tiny", "--variants", "mar", "dit", "--steps", "4", "--score-steps",
             "0.5", "--num-images", "10", "--num-images-mlp", "6", "--final-images", "20", "--batch-size", "10",
             "--cfgs", "1.5", "3", "--curve-cfg", "3", "--device", "cpu",
             "--train-flags", "--dataset", "folder", "--data-dir", image_folder, "--batch-size", "8", "--warmup-steps", "1"]
-    study.main(argv)
+    compiled = []  # --compile compiles each run's heads once: the later checkpoints load into the same model
+    monkeypatch.setattr(study, "compile_heads", compiled.append)
+    flags = argv.index("--train-flags")
+    study.main(argv[:flags] + ["--compile"] + argv[flags:])
+    assert len(compiled) == 2 and compiled[0] is not compiled[1]  # mar's and dit's
     second_seed = [*argv[:argv.index("--variants")], "--variants", "dit", "--seeds", "1", *argv[argv.index("--steps"):]]
-    study.main(second_seed)  # a second seed of one row, into the same study
+    study.main(second_seed)  # a second seed of one row, into the same study; not compiled (a CPU's default)
+    assert len(compiled) == 2
     rows = [json.loads(line) for line in open(out / "results.jsonl")]
     for name, seed in [("mar", 0), ("dit", 0), ("dit", 1)]:
         run = [r for r in rows if r["variant"] == name and r["seed"] == seed]
@@ -309,6 +315,14 @@ def test_ablation_study_at_equal_steps_scores_each_run_along_the_way_per_seed(st
         assert kept["step"] == 2 and kept["args"]["max_steps"] == 4 and kept["args"]["lr_schedule"] == "cosine"
         assert kept["args"]["seed"] == seed and (folder / "final_grid.png").exists()
     assert run[0]["minutes"] <= run[1]["minutes"]  # the training time at each scored step
+    assert [r["compiled"] for r in rows if r["variant"] == "mar"] == [True] * 4
+    args = study.parse_args(argv)
+    weights = lambda model: torch.cat([p.flatten() for p in model.state_dict().values()])
+    first, _ = study.load_ema("dit", out / "dit" / "checkpoint_2.pt", args)
+    at_2 = weights(first)
+    reloaded, _ = study.load_ema("dit", out / "dit" / "checkpoint_4.pt", args, into=first)
+    fresh, _ = study.load_ema("dit", out / "dit" / "checkpoint_4.pt", args)
+    assert reloaded is first and torch.equal(weights(reloaded), weights(fresh)) and not torch.equal(at_2, weights(fresh))
     study.main(argv)  # again: everything is in results.jsonl, so nothing is trained or sampled twice
     assert len(open(out / "results.jsonl").readlines()) == len(rows)
     with open(out / "results.jsonl", "w") as f:  # as if a scorer had scored every sample set
