@@ -106,25 +106,25 @@ def picture(image, mask=None):
 def outline_revealed(ax, revealed, pixels_per_token):
     """Outline, on an imshow axis, the tokens revealed at this step (revealed [h/p, w/p] bool): the border of the
     region they cover, yellow over black, so that it shows on light and on dark pixels alike. A lone token gets a
-    square; neighbouring tokens one outline around them all (a step that reveals the whole map: its frame)."""
+    square; neighbouring tokens one outline around them all (a step that reveals the whole map: its frame). Each
+    straight stretch of the border is one line, so that no joint shows along it."""
     from matplotlib.collections import LineCollection
 
-    s, revealed = pixels_per_token, np.asarray(revealed, dtype=bool)
-    inside = np.pad(revealed, 1)  # False around the map
-    edges = []  # the sides of revealed tokens whose neighbour there is not revealed at this step
-    for r, c in zip(*revealed.nonzero()):
-        x0, y0, x1, y1 = c * s - 0.5, r * s - 0.5, (c + 1) * s - 0.5, (r + 1) * s - 0.5  # imshow's pixel edges
-        if not inside[r, c + 1]:  # above
-            edges.append([(x0, y0), (x1, y0)])
-        if not inside[r + 2, c + 1]:  # below
-            edges.append([(x0, y1), (x1, y1)])
-        if not inside[r + 1, c]:  # left
-            edges.append([(x0, y0), (x0, y1)])
-        if not inside[r + 1, c + 2]:  # right
-            edges.append([(x1, y0), (x1, y1)])
+    inside = np.pad(np.asarray(revealed, dtype=bool), 1)  # False around the map
+    across = inside[:-1, 1:-1] != inside[1:, 1:-1]  # [rows + 1, cols]: on grid line k, revealed on one side only
+    down = inside[1:-1, :-1] != inside[1:-1, 1:]  # [rows, cols + 1]: the same across the columns' grid lines
+    at = lambda k: k * pixels_per_token - 0.5  # grid line k in imshow's pixel coordinates
+    lines = [[(at(a), at(k)), (at(b), at(k))] for k, row in enumerate(across) for a, b in runs(row)]
+    lines += [[(at(k), at(a)), (at(k), at(b))] for k, column in enumerate(down.T) for a, b in runs(column)]
     for colour, width, z in zip(("black", "yellow"), OUTLINE_POINTS, (3, 4)):  # black under yellow
-        ax.add_collection(LineCollection(edges, colors=colour, linewidths=width, capstyle="projecting", zorder=z,
+        ax.add_collection(LineCollection(lines, colors=colour, linewidths=width, capstyle="projecting", zorder=z,
                                          clip_on=False), autolim=False)  # (unclipped: whole on the picture's border)
+
+
+def runs(flags):
+    """(start, end) of each run of True in a 1-D bool array, the end excluded."""
+    change = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(flags, dtype=int), [0]])))
+    return list(zip(change[::2].tolist(), change[1::2].tolist()))
 
 
 OUTLINE_POINTS = (2.4, 1.0)  # the widths of the outline's black and yellow lines

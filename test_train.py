@@ -774,6 +774,31 @@ def test_show_grid_draws_every_image_with_its_title_and_blanks_short_rows():
     plt.close("all")
 
 
+def test_the_outline_of_revealed_tokens_is_their_border_one_line_per_straight_stretch():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def outline(revealed, s=2):
+        fig, ax = plt.subplots()
+        pictures.outline_revealed(ax, torch.tensor(revealed, dtype=torch.bool), s)
+        black, yellow = ax.collections  # black under yellow, the same lines
+        lines = {tuple(map(tuple, line)) for line in yellow.get_segments()}
+        assert lines == {tuple(map(tuple, line)) for line in black.get_segments()}
+        plt.close(fig)
+        return lines
+
+    p = lambda k: 2 * k - 0.5  # grid line k, 2 pixels per token
+    block = [[1, 1, 0], [1, 1, 0], [0, 0, 0]]  # a 2x2 block: its square, 4 lines, not 8 token sides
+    assert outline(block) == {((p(0), p(0)), (p(2), p(0))), ((p(0), p(2)), (p(2), p(2))),
+                              ((p(0), p(0)), (p(0), p(2))), ((p(2), p(0)), (p(2), p(2)))}
+    assert len(outline([[1] * 4] * 4)) == 4  # the whole map: its frame
+    assert len(outline([[1, 0], [0, 1]])) == 6  # two tokens corner to corner: their shared corner lines run on
+    assert len(outline([[1, 0, 1]])) == 8 and outline([[0, 0]]) == set()  # apart: two squares; none: nothing
+    assert pictures.runs(np.array([1, 1, 0, 1, 0, 0, 1])) == [(0, 2), (3, 4), (6, 7)]
+
+
 def test_save_grid_names_its_rows_on_the_left_and_keeps_the_plain_grid_without_names(tmp_path):
     images = torch.rand(5, 3, 8, 8) * 2 - 1  # 2 rows of 3, the second short
     pictures.save_grid(images, 3, tmp_path / "plain.png")
