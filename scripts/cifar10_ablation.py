@@ -10,8 +10,9 @@ same GPU, with train.py, the same data, token layout and batch, and the cifar10 
 (by default those that the recipe's Hi-MAR makes in 10 minutes on one H100), with the learning-rate schedule over
 them. Each run keeps its checkpoint at the --score-steps fractions of its steps (train.py --keep-at); once it is
 done, each kept EMA model samples --num-images images (--num-images-mlp for the variants whose dense tokens an MLP
-head draws, slow to sample; the heads compiled on a GPU) at the variant's curve CFG and is scored: the curves, against steps and against the
-training minutes the run had taken there (so the same runs also give the equal-time reading). Then each CFG of
+head draws, slow to sample; the heads compiled on a GPU) at the variant's curve CFG and is scored: the curves,
+against steps and against the training minutes the run had taken there (so the same runs also give the equal-time
+reading). Then each CFG of
 --cfgs is tried at the last checkpoint, and --final-images images are sampled with the best one (lowest fd),
 timed and scored: the table's numbers. Everything measured is appended to OUT/results.jsonl as it comes, each row
 tagged with its variant, seed, budget and GPU; a study run again skips what that file already holds, and a run cut
