@@ -86,14 +86,15 @@ def read_image(path, size):
 
 def edit_grid(model, image, keep, labels, seed, device, **settings):
     """Zero-shot editing: `image` [1, C, H, W] completed around the pixels that keep [H, W] keeps, once as each of
-    `labels`, in one batch. Returns the grid's pictures [2 + len(labels), C, H, W] (the input, the kept region with
-    the generated pixels magenta, the edits) and the sampling frames."""
+    `labels`, in one batch. Returns the grid's pictures [3 * len(labels), C, H, W], one row of three per edit (the
+    input, the kept region with the generated pixels magenta, the edit), and the sampling frames."""
     batch = len(labels)
     edits, frames = model.sample(torch.tensor(labels, device=device), seed=seed, trajectory=True,
                                  known_images=image.to(device).expand(batch, -1, -1, -1),
                                  known_mask=keep.to(device).expand(batch, -1, -1), **settings)
     kept = torch.where(keep, image, pictures.MAGENTA)
-    return torch.cat([image, kept, edits.cpu()]), frames
+    rows = torch.stack([image.expand(batch, -1, -1, -1), kept.expand(batch, -1, -1, -1), edits.cpu()], dim=1)
+    return rows.flatten(0, 1), frames  # [batch, 3, C, H, W] -> [3 * batch, C, H, W]
 
 
 # ----- command line -----
@@ -114,8 +115,9 @@ def parse_args(argv=None):
                                         "trajectory.png, or edit_trajectory.png with --edit)")
     p.add_argument("--edit", metavar="IMAGE.png",
                    help="zero-shot editing: keep the --keep region of this picture (the model's size, e.g. 32x32 RGB) "
-                        "and generate the rest once as each --labels class; the grid shows the input, the kept region "
-                        "(generated pixels magenta) and the edits in one row, the trajectory the first 4 edits")
+                        "and generate the rest once as each --labels class; the grid has one row per edit, named by its "
+                        "class: the input, the kept region (generated pixels magenta), the edit; the trajectory shows "
+                        "the first 4 edits")
     p.add_argument("--keep", choices=KEEP_REGIONS,
                    help="with --edit, the pixels kept: a half (left, right, top, bottom), the central half-size square "
                         "(center: outpainting) or all but it (border: inpainting)")
@@ -280,11 +282,13 @@ def run(args):
                                  sampling=sampling)
         if args.grid:
             verb = wrote(args.grid)
-            pictures.save_grid(grid, len(grid), args.grid)
-            print(f"{verb} {args.grid}: {args.edit}, its kept {args.keep} region and an edit as each of classes "
-                  f"{' '.join(map(str, labels))}, in {time.time() - start:.1f} s")
+            names = [f"as {name}" for name in pictures.class_names(labels, cfg.num_classes)]
+            pictures.save_grid(grid, 3, args.grid, row_names=names)
+            print(f"{verb} {args.grid}: one row per edit ({args.edit}, its kept {args.keep} region, the edit) as "
+                  f"each of classes {' '.join(map(str, labels))}, in {time.time() - start:.1f} s")
         if args.trajectory:
-            write_trajectory(frames, list(range(min(4, len(labels)))), args.trajectory)
+            write_trajectory(frames, list(range(min(4, len(labels)))), args.trajectory,
+                             pictures.class_names(labels[:4], cfg.num_classes))
     elif args.grid or args.trajectory:  # one sampling run gives the grid and, for its first rows, the trajectory
         per_class = args.per_class or (10 if str(device).startswith("cuda") else 2)
         rows = labels if args.grid else labels[:4]

@@ -704,21 +704,25 @@ def write_picture(path, size=32):
     return pixels
 
 
-def test_sample_edit_writes_the_input_the_kept_region_and_one_edit_per_label(tiny_checkpoint, tmp_path, capsys,
-                                                                             heads_in_range):
+def test_sample_edit_writes_one_named_row_per_label_the_input_the_kept_region_and_the_edit(
+        tiny_checkpoint, tmp_path, capsys, heads_in_range):
     pixels = write_picture(tmp_path / "in.png")
     grid, trajectory = tmp_path / "edits.png", tmp_path / "t.png"
     sample.main(["--ckpt", tiny_checkpoint, "--edit", str(tmp_path / "in.png"), "--keep", "left", "--labels", "0", "3", "3",
                  "--grid", str(grid), "--trajectory", str(trajectory), "--device", "cpu"])
     shown = np.asarray(Image.open(grid))[..., :3]
-    assert shown.shape == (34 + 2, 5 * 34 + 2, 3)  # one row: the input, the kept region, 3 edits (32 px + gaps)
-    tiles = [shown[2:34, 2 + 34 * i:34 + 34 * i] for i in range(5)]
-    assert (tiles[0] == pixels).all()
-    assert (tiles[1][:, :16] == pixels[:, :16]).all() and (tiles[1][:, 16:] == [255, 0, 255]).all()  # the rest magenta
-    assert all((edit[:, :16] == pixels[:, :16]).all() for edit in tiles[2:])  # each edit keeps the left half exactly
-    assert saturated(tiles[3][:, 16:]) < 0.05  # (guidance pushes a few to the ends)
-    assert mean_difference(tiles[3][:, 16:], tiles[4][:, 16:]) > 3  # a class asked for twice: two completions
-    assert "an edit as each of classes 0 3 3" in capsys.readouterr().out and trajectory.exists()
+    assert shown.shape[0] == 3 * 34 + 2 and shown.shape[1] > 3 * 34 + 2 + 30  # 3 rows of 3 (32 px + gaps), names
+    right = shown[:, -(3 * 34 + 2):]  # the grid, at the right of its row names
+    rows = [[right[2 + 34 * r:34 + 34 * r, 2 + 34 * i:34 + 34 * i] for i in range(3)] for r in range(3)]
+    for given, kept, edit in rows:  # each row: the input, the kept region, the edit
+        assert (given == pixels).all()
+        assert (kept[:, :16] == pixels[:, :16]).all() and (kept[:, 16:] == [255, 0, 255]).all()  # the rest magenta
+        assert (edit[:, :16] == pixels[:, :16]).all()  # each edit keeps the left half exactly
+    assert saturated(rows[1][2][:, 16:]) < 0.05  # (guidance pushes a few to the ends)
+    assert mean_difference(rows[1][2][:, 16:], rows[2][2][:, 16:]) > 3  # a class asked for twice: two completions
+    margin = shown[:, :-(3 * 34 + 2)]
+    assert all((margin[2 + 34 * r:34 + 34 * r] < 128).any() for r in range(3))  # each row named ("as cat")
+    assert "as each of classes 0 3 3" in capsys.readouterr().out and trajectory.exists()
     assert sample.parse_args(["--edit", "in.png", "--keep", "left"]).grid == "edits.png"  # not the class grid's name
     assert sample.parse_args([]).grid == "samples.png"
     edit_defaults = sample.parse_args(["--edit", "in.png", "--keep", "left"])  # an edit keeps a plain run's trajectory

@@ -6,8 +6,8 @@ class, and count how often a CIFAR-10 classifier still sees that class in the ed
 
 The classifier is the scorer's (a development yardstick: the product does not need it). Prints one JSON line:
 the number of images, the seconds spent editing, and the scorer's accuracy on the edits and on the originals.
---grid also writes a picture of the first 8 edits: a row of originals, a row of the kept halves (the generated
-pixels magenta), a row of edits.
+--grid also writes a picture of the first 8 edits, one row each, named by its class: the original, the kept half
+(the generated pixels magenta), the edit.
 """
 
 import argparse
@@ -58,7 +58,8 @@ def main():
         n = min(8, len(edits))
         kept = torch.where(keep, pixels[:n], pictures.MAGENTA)
         edited = torch.from_numpy(edits[:n]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        pictures.save_grid(torch.cat([pixels[:n], kept, edited]), n, args.grid)  # rows: originals, kept, edits
+        rows = torch.stack([pixels[:n], kept, edited], dim=1)  # [n, 3, C, H, W]: original, kept, edit
+        pictures.save_grid(rows.flatten(0, 1), 3, args.grid, row_names=pictures.class_names(labels[:n], cfg.num_classes))
     print(json.dumps({"n": len(edits), "keep": args.keep, "seconds": round(seconds, 1), "device": str(device),
                       "acc_edits": score(args.scorer, edits, labels, device.type)["acc"],
                       "acc_originals": score(args.scorer, originals, labels, device.type)["acc"]}))
