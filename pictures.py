@@ -103,6 +103,15 @@ def picture(image, mask=None):
     return ((image.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
 
 
+def draw_token_grid(ax, pixels, tokens, **style):
+    """Lines between the tokens of a picture drawn pixels x pixels by imshow, cut into tokens x tokens tokens (thin
+    grey unless `style` says otherwise): the 16 x 16 dense tokens or the 8 x 8 pivots of the notebooks' pictures."""
+    style = {"color": "0.5", "lw": 0.6, **style}
+    for k in range(1, tokens):
+        ax.axhline(k * pixels / tokens - 0.5, **style)  # imshow's pixel k spans k - 0.5 to k + 0.5
+        ax.axvline(k * pixels / tokens - 0.5, **style)
+
+
 def outline_revealed(ax, revealed, pixels_per_token):
     """Outline, on an imshow axis, the tokens revealed at this step (revealed [h/p, w/p] bool): the border of the
     region they cover, yellow over black, so that it shows on light and on dark pixels alike. A lone token gets a

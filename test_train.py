@@ -778,6 +778,21 @@ def test_show_grid_draws_every_image_with_its_title_and_blanks_short_rows():
     plt.close("all")
 
 
+def test_the_token_grid_lines_fall_between_the_tokens():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    pictures.draw_token_grid(ax, 32, 8, color="white")  # 8 x 8 tokens of 4 x 4 pixels
+    lines = ax.get_lines()
+    rows = sorted(line.get_ydata()[0] for line in lines if line.get_ydata()[0] == line.get_ydata()[1])
+    assert rows == [4 * k - 0.5 for k in range(1, 8)] and len(lines) == 14  # 7 between the rows, 7 between columns
+    assert all(line.get_color() == "white" and line.get_linewidth() == 0.6 for line in lines)
+    plt.close(fig)
+
+
 def test_the_outline_of_revealed_tokens_is_their_border_one_line_per_straight_stretch():
     import matplotlib
 
