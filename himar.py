@@ -209,23 +209,25 @@ def mask_by_order(orders, num_masked):
     return rank < num_masked
 
 
-def truncated_normal_ratio(cfg):
-    """MAR's mask ratio: normal with mean 1 and std 0.25, cut to [mask_ratio_min, 1] (phase 1, and MAR). Drawn
-    until it falls in that range, which Config keeps non-empty (mask_ratio_min in [0, 1)), so the loop ends."""
-    while True:
-        r = 1.0 - cfg.mask_ratio_std * abs(torch.randn(()).item())
-        if r >= cfg.mask_ratio_min:
-            return r
+def truncated_normal_ratio(cfg, device=None):
+    """MAR's mask ratio: normal with mean 1 and std 0.25, cut to [mask_ratio_min, 1] (phase 1, and MAR), as a 0-d
+    tensor on `device`. The ratio is 1 - std * |n|, n ~ N(0, 1) with |n| <= b; |n| is drawn by inverting its CDF
+    over [0, b], in one step on the device, so a compiled training step neither loops nor waits for the GPU."""
+    b = (1 - cfg.mask_ratio_min) / cfg.mask_ratio_std if cfg.mask_ratio_std > 0 else math.inf  # the largest |n|
+    top = torch.special.ndtr(torch.full((), b, device=device))  # P(n <= b)
+    abs_n = torch.special.ndtri(0.5 + torch.rand((), device=device) * (top - 0.5))  # |n|, in [0, b]
+    return 1 - cfg.mask_ratio_std * abs_n
 
 
-def cosine_ratio():
-    """MaskGIT's cosine mask ratio cos(pi/2 * u), u ~ U(0, 1) (phase 2 of Hi-MAR)."""
-    return math.cos(math.pi / 2 * torch.rand(()).item())
+def cosine_ratio(device=None):
+    """MaskGIT's cosine mask ratio cos(pi/2 * u), u ~ U(0, 1) (phase 2 of Hi-MAR), as a 0-d tensor on `device`."""
+    return torch.cos(math.pi / 2 * torch.rand((), device=device))
 
 
 def num_to_mask(ratio, n):
-    """ceil(ratio * n), at least one: every training step has something to predict."""
-    return max(1, math.ceil(ratio * n))
+    """ceil(ratio * n), at least one: every training step has something to predict (a 0-d tensor, for a ratio
+    drawn above)."""
+    return torch.ceil(torch.as_tensor(ratio) * n).clamp(min=1).long()
 
 
 def pivot_dropout_at(cfg, progress):
@@ -674,7 +676,7 @@ class HiMAR(nn.Module):
         # inputs
         self.class_embed = nn.Embedding(cfg.num_classes + 1, W)  # the last class is the null class (CFG)
         self.token_embed = nn.Linear(cfg.token_dim, W)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, W))
+        self.mask_token = nn.Parameter(torch.zeros(W))
         self.pos_buffer = nn.Parameter(torch.zeros(1, cfg.buffer_tokens, W))
         self.pos_dense = nn.Parameter(torch.zeros(1, cfg.num_dense, W))
         # the shared transformer, told its phase by the scale vector v = MLP(sinusoidal(phase))
@@ -697,6 +699,7 @@ class HiMAR(nn.Module):
         if cfg.pivots == "conditional":
             self.pivot_condition = nn.Linear(W, W)  # z_s -> conditional token
         init_weights(self)
+        self.register_load_state_dict_pre_hook(vector_mask_token)  # (older checkpoints hold it as [1, 1, W])
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -755,26 +758,27 @@ class HiMAR(nn.Module):
 
     def forward(self, images, labels, pivot_dropout=0.0):
         """One training step's losses (both phases every step). images [B, C, H, W] in [-1, 1], labels [B].
-        Returns (total loss, {"pivot": loss1, "dense": loss2}). pivot_dropout: see pivot_dropout_at()."""
+        Returns (total loss, {"pivot": loss1, "dense": loss2}). pivot_dropout: see pivot_dropout_at(); a number,
+        or a 0-d tensor (train.py's, so that one compiled graph serves every value)."""
         cfg = self.cfg
         B, device = images.shape[0], images.device
         pivots, dense = tokenize(images, cfg.patch_size)  # [B, Np, D], [B, Nd, D]
 
         if cfg.pivots == "none":  # MAR: one phase over the dense tokens
-            dense_mask = mask_by_order(random_orders(B, cfg.num_dense, device), num_to_mask(truncated_normal_ratio(cfg), cfg.num_dense))
+            dense_mask = mask_by_order(random_orders(B, cfg.num_dense, device), num_to_mask(truncated_normal_ratio(cfg, device), cfg.num_dense))
             z_dense = self.transformer(DENSE, self.drop_classes(labels), dense, dense_mask)
             loss = self.dense_head.loss(dense, z_dense, dense_mask)
             return loss, {"dense": loss.detach()}
 
         # Phase 1: pivots. Truncated-normal mask ratio; every dense position is masked, so they are left out.
-        pivot_mask = mask_by_order(random_orders(B, cfg.num_pivots, device), num_to_mask(truncated_normal_ratio(cfg), cfg.num_pivots))
+        pivot_mask = mask_by_order(random_orders(B, cfg.num_pivots, device), num_to_mask(truncated_normal_ratio(cfg, device), cfg.num_pivots))
         z_pivot = self.transformer(PIVOT, self.drop_classes(labels), pivots, pivot_mask)  # z_s [B, Np, W]
         loss_pivot = self.pivot_head.loss(pivots, z_pivot, pivot_mask)
 
         # Phase 2: dense tokens, conditioned on the pivots (stop-grad phase-1 outputs). Cosine mask ratio.
         dropped = torch.rand(B, device=device) < pivot_dropout
         context = self.pivot_context(pivots, z_pivot, pivot_mask, dropped)
-        dense_mask = mask_by_order(random_orders(B, cfg.num_dense, device), num_to_mask(cosine_ratio(), cfg.num_dense))
+        dense_mask = mask_by_order(random_orders(B, cfg.num_dense, device), num_to_mask(cosine_ratio(device), cfg.num_dense))
         z_dense = self.transformer(DENSE, self.drop_classes(labels), dense, dense_mask, context)  # z_l [B, Nd, W]
         loss_dense = self.dense_head.loss(dense, z_dense, dense_mask)
 
@@ -891,6 +895,14 @@ def to_checkpoint(cfg, **state):
     """What a checkpoint holds: the model's Config as plain data, and `state` (weights: model=..., ema=...; a
     training run adds its optimizer, step, ...)."""
     return {"config": asdict(cfg), **state}
+
+
+def vector_mask_token(module, state_dict, prefix, *args):
+    """Checkpoints written before the mask token became a vector [W] (the shipped model's) hold it as [1, 1, W]:
+    reshaped as they load."""
+    key = prefix + "mask_token"
+    if key in state_dict and state_dict[key].dim() == 3:
+        state_dict[key] = state_dict[key].reshape(-1)
 
 
 def from_checkpoint(checkpoint, key="ema"):

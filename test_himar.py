@@ -96,14 +96,23 @@ def test_pivot_tokens_are_the_tokens_of_the_downsampled_image():
 # --- training masks ---------------------------------------------------------------------------------
 
 
-def test_truncated_normal_ratio_stays_in_range():
+def test_truncated_normal_ratio_is_the_normal_cut_to_its_range():
     cfg = preset("tiny")
     torch.manual_seed(0)
-    ratios = torch.tensor([himar.truncated_normal_ratio(cfg) for _ in range(3000)])
+    ratios = torch.stack([himar.truncated_normal_ratio(cfg) for _ in range(4000)])
     assert ratios.min() >= 0.7 and ratios.max() <= 1.0
-    # a normal centred at 1 cut to [0.7, 1]: more mass near 1 than near 0.7
-    assert (ratios > 0.85).float().mean() > 0.55
-    assert torch.tensor([himar.cosine_ratio() for _ in range(3000)]).min() < 0.1  # phase 2 goes low
+    # 1 - 0.25 |n| with |n| <= 1.2: P(ratio > 1 - 0.25 a) = (2 Phi(a) - 1) / (2 Phi(1.2) - 1)
+    phi = lambda a: 0.5 * (1 + math.erf(a / math.sqrt(2)))
+    for a in (0.2, 0.6, 1.0):
+        expected = (2 * phi(a) - 1) / (2 * phi(1.2) - 1)  # 0.206, 0.586, 0.887
+        assert abs((ratios > 1 - 0.25 * a).float().mean().item() - expected) < 0.03
+    assert himar.truncated_normal_ratio(preset("tiny", mask_ratio_std=0.0)) == 1.0
+    wide = torch.stack([himar.truncated_normal_ratio(preset("tiny", mask_ratio_min=0.0)) for _ in range(500)])
+    assert wide.min() >= 0.0 and wide.max() <= 1.0
+    cosine = torch.stack([himar.cosine_ratio() for _ in range(3000)])
+    assert cosine.min() < 0.1 and cosine.max() <= 1.0  # phase 2 goes low
+    assert abs((cosine < 0.5).float().mean().item() - 1 / 3) < 0.03  # cos(pi u / 2) < 1/2 when u > 2/3
+    assert [himar.num_to_mask(r, 64).item() for r in (0.0, 0.01, 0.5, 0.501, 1.0)] == [1, 1, 32, 33, 64]
 
 
 def record_transformer_calls(model):
@@ -122,8 +131,8 @@ def record_transformer_calls(model):
 def test_training_masks_follow_the_ratios_and_the_phases(monkeypatch):
     model = tiny()
     cfg = model.cfg
-    monkeypatch.setattr(himar, "truncated_normal_ratio", lambda cfg: 0.8)
-    monkeypatch.setattr(himar, "cosine_ratio", lambda: 0.3)
+    monkeypatch.setattr(himar, "truncated_normal_ratio", lambda cfg, device=None: 0.8)
+    monkeypatch.setattr(himar, "cosine_ratio", lambda device=None: 0.3)
     calls = record_transformer_calls(model)
     model(images(4), torch.arange(4), pivot_dropout=0.0)
     phase1, phase2 = calls
@@ -141,7 +150,7 @@ def test_training_masks_follow_the_ratios_and_the_phases(monkeypatch):
 
 def test_mar_baseline_is_one_phase_over_dense_tokens(monkeypatch):
     model = tiny(pivots="none", dense_head="mlp")
-    monkeypatch.setattr(himar, "truncated_normal_ratio", lambda cfg: 0.75)
+    monkeypatch.setattr(himar, "truncated_normal_ratio", lambda cfg, device=None: 0.75)
     calls = record_transformer_calls(model)
     loss, parts = model(images(2), torch.arange(2))
     assert [c["phase"] for c in calls] == [DENSE] and calls[0]["context"] is None
@@ -484,6 +493,13 @@ def test_the_shipped_checkpoint_samples_the_images_it_sampled_when_it_was_shippe
     images = model.sample(reference["labels"].tolist(), seed=int(reference["seed"]), **json.loads(str(reference["settings"])))
     difference = np.abs(pictures.to_uint8(images).astype(int) - reference["images"].astype(int))
     assert difference.mean() < 0.5 and (difference > 16).mean() < 0.001, (difference.mean(), difference.max())
+
+
+def test_the_shipped_checkpoint_holds_the_mask_token_as_it_was_and_loads_it_as_a_vector():
+    saved = checkpoints.load_checkpoint(SHIPPED)["ema"]["mask_token"]
+    assert saved.shape == (1, 1, 320)  # written before the mask token became a vector
+    model = checkpoints.load_model(SHIPPED)
+    assert model.mask_token.shape == (320,) and torch.equal(model.mask_token.detach(), saved.float().reshape(-1))
 
 
 def test_a_checkpoint_of_the_first_layout_is_refused_with_what_to_do(tmp_path):

@@ -399,13 +399,27 @@ def test_benchmark_accounts_for_the_whole_forward_pass_and_times_training(capsys
     (["--no-compile"], "cuda", None),
     ([], "cpu", None),                             # a CPU: eager
 ])
-def test_compile_blocks_uses_cuda_graphs_by_default_where_they_work(flags, device, mode, monkeypatch):
-    modes = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, mode=None: modes.append(mode or "default"))
+def test_compile_model_uses_cuda_graphs_by_default_where_they_work(flags, device, mode, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, mode=None: compiled.append((self, mode or "default")))
     model = himar.HiMAR(himar.preset("tiny"))
-    train.compile_blocks(model, train.parse_args(["--preset", "tiny", *flags]), torch.device(device))
-    compiled = [m for m in model.modules() if isinstance(m, (himar.ScaleAwareBlock, himar.DiffusionHead))]
-    assert modes == ([mode] * len(compiled) if mode else [])
+    train.compile_model(model, train.parse_args(["--preset", "tiny", *flags]), torch.device(device))
+    assert compiled == ([(model, mode)] if mode else [])  # the whole model's forward, once
+
+
+@pytest.mark.parametrize("changes", [{}, {"pivots": "none", "dense_head": "mlp"}])
+def test_the_compiled_training_forward_is_one_graph_for_every_step(changes):
+    # the masks' sizes are drawn on the device and the pivot dropout comes as a tensor (as train.py passes it), so
+    # torch.compile traces the whole step's forward once (fullgraph: no break) and never compiles it again
+    torch._dynamo.reset()
+    model = himar.HiMAR(himar.preset("tiny", **changes))
+    model.compile(backend="eager", fullgraph=True)  # dynamo's tracing and guards alone (no code generation)
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for dropout in (1.0, 0.7, 0.1):
+            loss, _ = model(images, torch.arange(4), pivot_dropout=torch.tensor(dropout))
+            loss.backward()
+    torch._dynamo.reset()
 
 
 def test_weight_decay_falls_on_linear_weight_matrices_only():

@@ -59,16 +59,17 @@ def train(args, model_class=himar.HiMAR):
         run = Run(args, cfg, model, ema, optimizer, rank, world_size, device, checkpoint, len(data.labels))
         step_model = model if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-        compile_blocks(model, args, device)
+        compile_model(model, args, device)
 
         # the loop: one optimizer step per batch; the run logs, samples, saves and stops when its flags say so
         for step in run.steps():  # from the checkpoint's step (0 for a new run) to --max-steps
             images, labels = batch_at(data, step, args.batch_size // world_size, args.seed, device, rank, world_size)
             progress = run_progress(args, step, run.seconds)  # 0 to 1: the lr and the pivot dropout follow it
             lr = set_learning_rate(optimizer, learning_rate(args, step, progress))
+            pivot_dropout = torch.full((), himar.pivot_dropout_at(cfg, progress), device=device)  # (a fill: no copy)
             with run.out_of_memory_advice(step):
-                loss, parts, grad_norm = training_step(step_model, optimizer, images, labels,
-                                                       himar.pivot_dropout_at(cfg, progress), args.grad_clip, args.micro_batch)
+                loss, parts, grad_norm = training_step(step_model, optimizer, images, labels, pivot_dropout,
+                                                       args.grad_clip, args.micro_batch)
             update_ema(ema, model, ema_decay_at(args, step))
             run.record(step, lr, loss, parts, grad_norm)
             if run.log_sample_save():  # every --log-every, --sample-every, --ckpt-every; True at the end of --max-minutes
@@ -169,18 +170,17 @@ def build(model_class, cfg, args, device, rank):
     return model, ema, make_optimizer(model, args)
 
 
-def compile_blocks(model, args, device):
-    """torch.compile the transformer blocks and the heads, where the work is (the step's own logic stays eager).
-    --compile is on by default on a GPU and off on a CPU; --cuda-graphs, on by default where it works (a compiled
-    GPU run whose steps are one pass each), also replays them as CUDA graphs."""
+def compile_model(model, args, device):
+    """torch.compile the training forward pass whole: both phases and both losses, one graph (the masks' sizes are
+    drawn on the device and the pivot dropout comes as a tensor, so no step needs another). --compile is on by
+    default on a GPU and off on a CPU; --cuda-graphs, on by default where it works (a compiled GPU run whose steps
+    are one pass each), also replays it as CUDA graphs. Sampling stays eager."""
     compiled = args.compile or (args.compile is None and device.type == "cuda")
     graphs = args.cuda_graphs or (args.cuda_graphs is None and compiled and device.type == "cuda" and not accumulates(args))
     if graphs:  # torch's hint that some calls take a slower, checked path; measured whole, the step is still faster
         warnings.filterwarnings("ignore", message="Unable to hit fast path of CUDAGraphs")
     if compiled:
-        for module in model.modules():
-            if isinstance(module, (himar.ScaleAwareBlock, himar.DiffusionHead)):
-                module.compile(mode="reduce-overhead" if graphs else None)
+        model.compile(mode="reduce-overhead" if graphs else None)
 
 
 # ----- The loop's bookkeeping: logs, saves, sample grids, and the ways a run stops -----
@@ -668,10 +668,10 @@ def parse_args(argv=None):
                    help="continue the run in --out-dir from its checkpoint, with its own settings (flags given now change them)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds a run, deleting it")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the transformer blocks and the heads (default: on a GPU, where it trains cifar10 "
-                        "about 1.8x as fast on an H100, see REPORT.md; --no-compile if your setup cannot compile)")
+                   help="torch.compile the training forward pass whole (default: on a GPU, where it trains cifar10 about "
+                        "2x as fast on an H100, see REPORT.md; --no-compile if your setup cannot compile)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
-                   help="replay the compiled blocks and heads as CUDA graphs (torch.compile's 'reduce-overhead' mode), "
+                   help="replay the compiled forward and backward as CUDA graphs (torch.compile's 'reduce-overhead' mode), "
                         "with less time spent launching kernels (default: on where it is measured to work, a GPU with "
                         "--compile and one forward pass a step; cifar10 on one H100: 14,900 steps in 19.3 instead of "
                         "21.0 min; on 2 H100s: 3,426 instead of 2,535 images/s; see REPORT.md)")

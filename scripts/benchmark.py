@@ -128,7 +128,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed training steps (0: count FLOPs only)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (kernel selection, compilation)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the transformer blocks and the heads (default: on a GPU, as train.py)")
+                   help="torch.compile the training forward pass (default: on a GPU, as train.py)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
                    help="replay the compiled parts as CUDA graphs (default: as train.py, where it works)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -154,7 +154,7 @@ def main(argv=None):
     print(f"one training step: {per_image / 1e9:.2f} GFLOP per image (forward + backward, on {device.type})")
     result = {"parts": parts, "forward": forward, "train_flops": per_image}
     if args.steps > 0:
-        train.compile_blocks(model, args, device)
+        train.compile_model(model, args, device)
         rate = throughput(model, args, device)
         memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
         passes = f" in micro-batches of {args.micro_batch}" if args.micro_batch else ""
