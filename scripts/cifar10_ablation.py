@@ -351,7 +351,7 @@ def plot_curves(curves, plot, title):
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ScalarFormatter()), ax.yaxis.set_minor_formatter(ScalarFormatter())
     fig.suptitle(title, fontsize=10)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=9)
     fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(plot, dpi=110)
     plt.close(fig)
