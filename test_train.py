@@ -1025,6 +1025,7 @@ def test_every_config_field_is_checked_with_a_one_line_message(setting, message)
     (["--micro-batch", str(10**20)], f"--micro-batch {10**20} is more than the batch (--batch-size 32)"),
     (["--lr", "1e300"], "--lr must be > 0 and at most 1"), (["--lr", "inf"], "--lr must be > 0 and at most 1"),
     (["--weight-decay", "inf"], "--weight-decay must be >= 0 and finite, got inf"),
+    (["--max-steps", "100", "--keep-at", "50", "150"], "--keep-at takes step numbers from 1 to --max-steps, got [50, 150]"),
 ])
 def test_flags_out_of_range_get_a_one_line_error(flags, message, capsys):
     with pytest.raises(SystemExit):

@@ -703,7 +703,7 @@ def check_args(args, error):
     for name in ("max_steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
         if getattr(args, name) <= 0:
             error(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}")
-    if any(step <= 0 for step in args.keep_at):
+    if any(not 0 < step <= args.max_steps for step in args.keep_at):
         error(f"--keep-at takes step numbers from 1 to --max-steps, got {args.keep_at}")
     for name in ("grad_clip", "max_minutes"):
         if getattr(args, name) is not None and not 0 < getattr(args, name) < math.inf:  # (NaN fails too)

@@ -39,7 +39,7 @@ import checkpoints  # noqa: E402
 import pictures  # noqa: E402
 import himar  # noqa: E402
 import train  # noqa: E402
-from sampling_sweep import compile_heads, sample_and_score  # noqa: E402
+from sampling_sweep import compile_heads, sample_and_score, warmup_images  # noqa: E402
 
 
 class DiT(nn.Module):
@@ -146,10 +146,9 @@ def load_ema(name, checkpoint_path, args, into=None):
 
 
 def sample_scored(model, num_images, setting, args, keep=None):
-    """sample_and_score with the study's batch; a compiled model's warm-up is a whole batch (compiling is not timed)."""
-    warmup = args.batch_size if args.compile else 8
+    """sample_and_score with the study's batch and warm-up (warmup_images), the row marked compiled or not."""
     return {"compiled": args.compile, **sample_and_score(model, num_images, setting, args.scorer, args.batch_size,
-                                                         keep=keep, warmup=warmup)}
+                                                         keep=keep, warmup=warmup_images(args.batch_size, args.compile))}
 
 
 def run_variant(name, seed, args, log):

@@ -93,6 +93,12 @@ def compile_heads(model):
             module.compile()
 
 
+def warmup_images(batch_size, compiled):
+    """How many images to sample untimed before timing: a whole batch once the heads are compiled (compile_heads),
+    so that compiling for the batch's shapes is not timed; else a few."""
+    return batch_size if compiled else 8
+
+
 def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, keep=None, warmup=8, test_pivots=None):
     """Sample num_images images (classes in turn) with model.sample(**setting), timed after `warmup` untimed ones
     (a whole batch after compile_heads, so that compiling is not timed), and score them with the scorer script if
@@ -183,7 +189,7 @@ def main():
         compile_heads(model)
     for setting in settings:
         row = sample_and_score(model, args.num_images, setting, args.scorer, args.batch_size,
-                               warmup=args.batch_size if compiled else 8, test_pivots=args.test_pivots)
+                               warmup=warmup_images(args.batch_size, compiled), test_pivots=args.test_pivots)
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
