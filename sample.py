@@ -280,15 +280,14 @@ def run(args):
         start = time.time()
         grid, frames = edit_grid(model, image, keep_mask(args.keep, S, cfg.patch_size), labels, args.seed, device,
                                  sampling=sampling)
+        names = [f"as {name}" for name in pictures.class_names(labels, cfg.num_classes)]  # a row name per edit
         if args.grid:
             verb = wrote(args.grid)
-            names = [f"as {name}" for name in pictures.class_names(labels, cfg.num_classes)]
             pictures.save_grid(grid, 3, args.grid, row_names=names)
             print(f"{verb} {args.grid}: one row per edit ({args.edit}, its kept {args.keep} region, the edit) as "
                   f"each of classes {' '.join(map(str, labels))}, in {time.time() - start:.1f} s")
         if args.trajectory:
-            write_trajectory(frames, list(range(min(4, len(labels)))), args.trajectory,
-                             pictures.class_names(labels[:4], cfg.num_classes))
+            write_trajectory(frames, list(range(min(4, len(labels)))), args.trajectory, names[:4])
     elif args.grid or args.trajectory:  # one sampling run gives the grid and, for its first rows, the trajectory
         per_class = args.per_class or (10 if str(device).startswith("cuda") else 2)
         rows = labels if args.grid else labels[:4]
