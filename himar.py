@@ -122,6 +122,7 @@ class Config:
     pivot_dropout_start: float = 1.0  # probability that phase 2 sees no pivots, lowered linearly ...
     pivot_dropout_end: float = 0.1  # (the reference: 0.75 or 0.5 over 800 epochs; a short run needs its pivots, REPORT.md)
     pivot_dropout_warmup: float = 0.125  # ... over this fraction of the run (the reference: 100 of 800 epochs)
+    dense_full_mask: float = 0.0  # probability that a step trains phase 2 with every dense token hidden (REPORT.md)
     pivot_loss_weight: float = 2.0
     dense_loss_weight: float = 0.75
     diffusion_steps: int = 1000
@@ -222,6 +223,14 @@ def truncated_normal_ratio(cfg, device=None):
 def cosine_ratio(device=None):
     """MaskGIT's cosine mask ratio cos(pi/2 * u), u ~ U(0, 1) (phase 2 of Hi-MAR), as a 0-d tensor on `device`."""
     return torch.cos(math.pi / 2 * torch.rand((), device=device))
+
+
+def dense_ratio(cfg, device=None):
+    """Phase 2's training mask ratio, a 0-d tensor: the cosine ratio (the reference's), or 1 with probability
+    cfg.dense_full_mask (every dense token hidden, which is where sampling starts phase 2, and with K2 = 1 the only
+    map it shows phase 2; of 256 tokens the cosine ratio hides all in about 6% of steps, r > 255/256)."""
+    full = torch.rand((), device=device) < cfg.dense_full_mask
+    return torch.where(full, 1.0, cosine_ratio(device))
 
 
 def num_to_mask(ratio, n):
@@ -775,10 +784,10 @@ class HiMAR(nn.Module):
         z_pivot = self.transformer(PIVOT, self.drop_classes(labels), pivots, pivot_mask)  # z_s [B, Np, W]
         loss_pivot = self.pivot_head.loss(pivots, z_pivot, pivot_mask)
 
-        # Phase 2: dense tokens, conditioned on the pivots (stop-grad phase-1 outputs). Cosine mask ratio.
+        # Phase 2: dense tokens, conditioned on the pivots (stop-grad phase-1 outputs). Cosine mask ratio (dense_ratio).
         dropped = torch.rand(B, device=device) < pivot_dropout
         context = self.pivot_context(pivots, z_pivot, pivot_mask, dropped)
-        dense_mask = mask_by_order(random_orders(B, cfg.num_dense, device), num_to_mask(cosine_ratio(device), cfg.num_dense))
+        dense_mask = mask_by_order(random_orders(B, cfg.num_dense, device), num_to_mask(dense_ratio(cfg, device), cfg.num_dense))
         z_dense = self.transformer(DENSE, self.drop_classes(labels), dense, dense_mask, context)  # z_l [B, Nd, W]
         loss_dense = self.dense_head.loss(dense, z_dense, dense_mask)
 
@@ -928,7 +937,7 @@ def check_config(cfg):
          lambda v: is_whole(v) and v >= 1),
         (("mlp_ratio",), "a finite number > 0", lambda v: is_finite(v) and v > 0),
         (("dropout", "mask_ratio_min"), "a number in [0, 1)", lambda v: fraction(v) and v < 1),
-        (("class_dropout", "pivot_dropout_start", "pivot_dropout_end"), "a probability, in [0, 1]", fraction),
+        (("class_dropout", "pivot_dropout_start", "pivot_dropout_end", "dense_full_mask"), "a probability, in [0, 1]", fraction),
         (("pivot_dropout_warmup",), "a fraction of the run, in [0, 1]", fraction),
         (("mask_ratio_std", "pivot_loss_weight", "dense_loss_weight"), "a finite number >= 0",
          lambda v: is_finite(v) and v >= 0),
@@ -938,6 +947,7 @@ def check_config(cfg):
         (cfg.pivots in ("none", "visual", "conditional"), "pivots must be 'none', 'visual' or 'conditional'"),
         (cfg.dense_head in ("mlp", "dit"), "dense_head must be 'mlp' or 'dit'"),
         (cfg.pivots != "none" or cfg.dense_head == "mlp", "pivots='none' is MAR: it needs dense_head='mlp'"),
+        (cfg.pivots != "none" or cfg.dense_full_mask == 0, "pivots='none' is MAR, one phase: dense_full_mask must be 0"),
         (cfg.image_size % (2 * cfg.patch_size) == 0, "image_size must be divisible by 2 * patch_size"),
         (cfg.width % cfg.num_heads == 0, "width must be divisible by num_heads"),
         (cfg.dit_head_width % cfg.dit_head_num_heads == 0, "dit_head_width must be divisible by dit_head_num_heads"),

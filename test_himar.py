@@ -148,6 +148,27 @@ def test_training_masks_follow_the_ratios_and_the_phases(monkeypatch):
     assert not torch.equal(phase2["mask"][0], phase2["mask"][1])
 
 
+def test_dense_full_mask_trains_phase_two_on_the_fully_hidden_map_with_its_probability(monkeypatch):
+    torch.manual_seed(0)
+    for p, expected in ((0.0, 0.0), (0.5, 0.5), (1.0, 1.0)):
+        ratios = torch.stack([himar.dense_ratio(preset("tiny", dense_full_mask=p)) for _ in range(2000)])
+        assert abs((ratios == 1).float().mean().item() - expected) < 0.04  # the cosine ratio is 1 almost never
+        assert ratios.min() >= 0 and ratios.max() <= 1
+    # in a training step: every dense token hidden, whatever the cosine ratio drew; phase 1 unchanged
+    model = tiny(dense_full_mask=1.0)
+    monkeypatch.setattr(himar, "cosine_ratio", lambda device=None: torch.tensor(0.3))
+    monkeypatch.setattr(himar, "truncated_normal_ratio", lambda cfg, device=None: 0.8)
+    calls = record_transformer_calls(model)
+    model(images(4), torch.arange(4), pivot_dropout=0.0)
+    phase1, phase2 = calls
+    assert (phase1["mask"].sum(1) == math.ceil(0.8 * model.cfg.num_pivots)).all()
+    assert phase2["mask"].all()
+    with pytest.raises(ValueError, match="dense_full_mask"):
+        preset("tiny", pivots="none", dense_head="mlp", dense_full_mask=0.5)
+    with pytest.raises(ValueError, match="dense_full_mask"):
+        preset("tiny", dense_full_mask=1.5)
+
+
 def test_mar_baseline_is_one_phase_over_dense_tokens(monkeypatch):
     model = tiny(pivots="none", dense_head="mlp")
     monkeypatch.setattr(himar, "truncated_normal_ratio", lambda cfg, device=None: 0.75)

@@ -407,7 +407,7 @@ def test_compile_model_uses_cuda_graphs_by_default_where_they_work(flags, device
     assert compiled == ([(model, mode)] if mode else [])  # the whole model's forward, once
 
 
-@pytest.mark.parametrize("changes", [{}, {"pivots": "none", "dense_head": "mlp"}])
+@pytest.mark.parametrize("changes", [{}, {"dense_full_mask": 0.5}, {"pivots": "none", "dense_head": "mlp"}])
 def test_the_compiled_training_forward_is_one_graph_for_every_step(changes):
     # the masks' sizes are drawn on the device and the pivot dropout comes as a tensor (as train.py passes it), so
     # torch.compile traces the whole step's forward once (fullgraph: no break) and never compiles it again
