@@ -69,8 +69,10 @@ class Sampling:
     def phase(self, phase):
         """The settings of one phase (PIVOT or DENSE), as the generation loop reads them."""
         if phase == PIVOT:
-            return PhaseSampling(self.pivot_steps, self.pivot_cfg, self.pivot_diffusion_steps, self.pivot_sampler, self.temperature)
-        return PhaseSampling(self.dense_steps, self.dense_cfg, self.dense_diffusion_steps, self.dense_sampler, self.temperature)
+            return PhaseSampling(self.pivot_steps, self.pivot_cfg, self.pivot_diffusion_steps, self.pivot_sampler,
+                                 self.temperature)
+        return PhaseSampling(self.dense_steps, self.dense_cfg, self.dense_diffusion_steps, self.dense_sampler,
+                             self.temperature)
 
 
 @dataclass(frozen=True)
@@ -441,7 +443,8 @@ class Attention(nn.Module):
 
     def forward(self, x):  # [B, L, W]
         B, L, W = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, W // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, L, W/h]
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, W // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, h, L, W/h]
         p = self.dropout if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, L, W)
         return F.dropout(self.proj(x), p, self.training)
@@ -576,8 +579,10 @@ class DiffusionHead(nn.Module):
             eps_cond, eps_null = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z_null])).chunk(2)
             return eps_null + cfg_scale * (eps_cond - eps_null)
 
-        noise = torch.randn(z.shape[0], length or z.shape[1], self.output.out_features, device=z.device, generator=generator)
-        return self.diffusion.sample(eps_fn, noise, denoising.steps, denoising.sampler, denoising.temperature, generator, known, keep)
+        shape = (z.shape[0], length or z.shape[1], self.output.out_features)
+        noise = torch.randn(shape, device=z.device, generator=generator)
+        return self.diffusion.sample(eps_fn, noise, denoising.steps, denoising.sampler, denoising.temperature,
+                                     generator, known, keep)
 
 
 class MLPHead(DiffusionHead):
@@ -585,7 +590,8 @@ class MLPHead(DiffusionHead):
     token is denoised on its own, given its z_i."""
 
     def __init__(self, token_dim, z_dim, width, depth, repeats, diffusion):
-        super().__init__(token_dim, z_dim, width, [AdaLN(width, FeedForward(width, 1.0)) for _ in range(depth)], diffusion)
+        blocks = [AdaLN(width, FeedForward(width, 1.0)) for _ in range(depth)]
+        super().__init__(token_dim, z_dim, width, blocks, diffusion)
         self.repeats = repeats  # noise levels per token and training step
 
     def loss(self, tokens, z, mask):
@@ -614,7 +620,8 @@ class DiTHead(DiffusionHead):
     are denoised jointly, each seeing the others; learned positions tell attention where each token is."""
 
     def __init__(self, token_dim, z_dim, width, depth, num_heads, mlp_ratio, num_tokens, repeats, diffusion):
-        super().__init__(token_dim, z_dim, width, [DiTBlock(width, num_heads, mlp_ratio) for _ in range(depth)], diffusion)
+        blocks = [DiTBlock(width, num_heads, mlp_ratio) for _ in range(depth)]
+        super().__init__(token_dim, z_dim, width, blocks, diffusion)
         self.pos = nn.Parameter(torch.zeros(1, num_tokens, width))
         self.repeats = repeats  # noise levels per image and training step
 
@@ -666,7 +673,8 @@ def init_weights(model):
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
     for name, p in model.named_parameters():  # positions, the mask token, the placeholder, the class embedding
-        if name.split(".")[-1].startswith(("pos", "diffusion_pos", "mask_token", "pivot_placeholder")) or name == "class_embed.weight":
+        last = name.split(".")[-1]
+        if last.startswith(("pos", "diffusion_pos", "mask_token", "pivot_placeholder")) or name == "class_embed.weight":
             nn.init.normal_(p, std=0.02)
 
 
@@ -693,7 +701,8 @@ class HiMAR(nn.Module):
         # the shared transformer, told its phase by the scale vector v = MLP(sinusoidal(phase))
         if cfg.scale_vector:  # (without it, ablation: v = 0, the blocks cannot tell the phases apart)
             self.scale_mlp = nn.Sequential(nn.Linear(W, W), nn.SiLU(), nn.Linear(W, 6 * W))
-        self.blocks = nn.ModuleList(ScaleAwareBlock(W, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            ScaleAwareBlock(W, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(W)
         self.diffusion_pos_dense = nn.Parameter(torch.zeros(1, cfg.num_dense, W))  # added to z before the head (MAR)
         # heads
@@ -701,11 +710,13 @@ class HiMAR(nn.Module):
             self.dense_head = DiTHead(cfg.token_dim, W, cfg.dit_head_width, cfg.dit_head_depth, cfg.dit_head_num_heads,
                                       cfg.mlp_ratio, cfg.num_dense, cfg.dit_head_repeats, diffusion)
         else:
-            self.dense_head = MLPHead(cfg.token_dim, W, cfg.mlp_head_width, cfg.mlp_head_depth, cfg.mlp_head_repeats, diffusion)
+            self.dense_head = MLPHead(cfg.token_dim, W, cfg.mlp_head_width, cfg.mlp_head_depth, cfg.mlp_head_repeats,
+                                      diffusion)
         if cfg.pivots != "none":
             self.pos_pivot = nn.Parameter(torch.zeros(1, cfg.num_pivots, W))
             self.diffusion_pos_pivot = nn.Parameter(torch.zeros(1, cfg.num_pivots, W))
-            self.pivot_head = MLPHead(cfg.token_dim, W, cfg.mlp_head_width, cfg.mlp_head_depth, cfg.mlp_head_repeats, diffusion)
+            self.pivot_head = MLPHead(cfg.token_dim, W, cfg.mlp_head_width, cfg.mlp_head_depth, cfg.mlp_head_repeats,
+                                      diffusion)
             self.pivot_placeholder = nn.Parameter(torch.zeros(1, cfg.num_pivots, W))  # a pivot with no condition
         if cfg.pivots == "conditional":
             self.pivot_condition = nn.Linear(W, W)  # z_s -> conditional token
@@ -776,20 +787,23 @@ class HiMAR(nn.Module):
         pivots, dense = tokenize(images, cfg.patch_size)  # [B, Np, D], [B, Nd, D]
 
         if cfg.pivots == "none":  # MAR: one phase over the dense tokens
-            dense_mask = mask_by_order(random_orders(B, cfg.num_dense, device), num_to_mask(truncated_normal_ratio(cfg, device), cfg.num_dense))
+            orders = random_orders(B, cfg.num_dense, device)
+            dense_mask = mask_by_order(orders, num_to_mask(truncated_normal_ratio(cfg, device), cfg.num_dense))
             z_dense = self.transformer(DENSE, self.drop_classes(labels), dense, dense_mask)
             loss = self.dense_head.loss(dense, z_dense, dense_mask)
             return loss, {"dense": loss.detach()}
 
         # Phase 1: pivots. Truncated-normal mask ratio; every dense position is masked, so they are left out.
-        pivot_mask = mask_by_order(random_orders(B, cfg.num_pivots, device), num_to_mask(truncated_normal_ratio(cfg, device), cfg.num_pivots))
+        orders = random_orders(B, cfg.num_pivots, device)
+        pivot_mask = mask_by_order(orders, num_to_mask(truncated_normal_ratio(cfg, device), cfg.num_pivots))  # [B, Np]
         z_pivot = self.transformer(PIVOT, self.drop_classes(labels), pivots, pivot_mask)  # z_s [B, Np, W]
         loss_pivot = self.pivot_head.loss(pivots, z_pivot, pivot_mask)
 
         # Phase 2: dense tokens, conditioned on the pivots (stop-grad phase-1 outputs). Cosine mask ratio (dense_ratio).
         dropped = torch.rand(B, device=device) < pivot_dropout
         context = self.pivot_context(pivots, z_pivot, pivot_mask, dropped)
-        dense_mask = mask_by_order(random_orders(B, cfg.num_dense, device), num_to_mask(dense_ratio(cfg, device), cfg.num_dense))
+        orders = random_orders(B, cfg.num_dense, device)
+        dense_mask = mask_by_order(orders, num_to_mask(dense_ratio(cfg, device), cfg.num_dense))  # [B, Nd]
         z_dense = self.transformer(DENSE, self.drop_classes(labels), dense, dense_mask, context)  # z_l [B, Nd, W]
         loss_dense = self.dense_head.loss(dense, z_dense, dense_mask)
 
@@ -939,7 +953,8 @@ def check_config(cfg):
          lambda v: is_whole(v) and v >= 1),
         (("mlp_ratio",), "a finite number > 0", lambda v: is_finite(v) and v > 0),
         (("dropout", "mask_ratio_min"), "a number in [0, 1)", lambda v: fraction(v) and v < 1),
-        (("class_dropout", "pivot_dropout_start", "pivot_dropout_end", "dense_full_mask"), "a probability, in [0, 1]", fraction),
+        (("class_dropout", "pivot_dropout_start", "pivot_dropout_end", "dense_full_mask"), "a probability, in [0, 1]",
+         fraction),
         (("pivot_dropout_warmup",), "a fraction of the run, in [0, 1]", fraction),
         (("mask_ratio_std", "pivot_loss_weight", "dense_loss_weight"), "a finite number >= 0",
          lambda v: is_finite(v) and v >= 0),
@@ -949,7 +964,7 @@ def check_config(cfg):
         (cfg.pivots in ("none", "visual", "conditional"), "pivots must be 'none', 'visual' or 'conditional'"),
         (cfg.dense_head in ("mlp", "dit"), "dense_head must be 'mlp' or 'dit'"),
         (cfg.pivots != "none" or cfg.dense_head == "mlp", "pivots='none' is MAR: it needs dense_head='mlp'"),
-        (cfg.pivots != "none" or cfg.dense_full_mask == 0, "pivots='none' is MAR, one phase: dense_full_mask must be 0"),
+        (cfg.pivots != "none" or cfg.dense_full_mask == 0, "pivots='none' is MAR: it needs dense_full_mask=0"),
         (cfg.image_size % (2 * cfg.patch_size) == 0, "image_size must be divisible by 2 * patch_size"),
         (cfg.width % cfg.num_heads == 0, "width must be divisible by num_heads"),
         (cfg.dit_head_width % cfg.dit_head_num_heads == 0, "dit_head_width must be divisible by dit_head_num_heads"),
