@@ -92,11 +92,14 @@ def _fetch_cifar10(data_dir, folder):
     archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
     how = (f"To install it by hand, download {CIFAR_URL} and unpack it in {data_dir} "
            f"(tar xzf cifar-10-python.tar.gz), so that {folder} holds {', '.join(CIFAR_FILES)}.")
+    created = not os.path.isdir(data_dir)
     try:
         os.makedirs(data_dir, exist_ok=True)
         if not os.path.exists(archive):
             _download(CIFAR_URL, archive)
     except (OSError, http.client.HTTPException) as e:
+        if created and os.path.isdir(data_dir) and not os.listdir(data_dir):
+            os.rmdir(data_dir)  # a failed first download leaves no empty folder behind
         raise DataError(f"CIFAR-10 is not in {folder} and downloading it failed ({e}). {how}") from e
     with open(archive, "rb") as f:
         md5 = hashlib.file_digest(f, "md5").hexdigest()

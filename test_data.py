@@ -99,7 +99,11 @@ def test_cifar10_offline_names_folder_files_and_url(tmp_path, monkeypatch):
     msg = str(e.value)
     assert str(tmp_path / "data" / "cifar-10-batches-py") in msg
     assert "data_batch_1" in msg and "data_batch_5" in msg and data_py.CIFAR_URL in msg
-    assert not list((tmp_path / "data").iterdir())  # no half-written archive left behind
+    assert not (tmp_path / "data").exists()  # no half-written archive, nor the folder made for it, left behind
+    (tmp_path / "mine").mkdir()  # a folder the user made stays
+    with pytest.raises(DataError):
+        load_dataset("cifar10", str(tmp_path / "mine"), 32)
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
 
 
 def test_cifar10_md5_rejects_wrong_archive(tmp_path, monkeypatch):
