@@ -231,7 +231,9 @@ class Run:
         except torch.cuda.OutOfMemoryError:
             args = self.args
             images = args.micro_batch or args.batch_size // self.world_size
-            again = f"--resume --micro-batch {max(1, images // 2)}" if os.path.exists(self.ckpt_path) else f"--micro-batch {max(1, images // 2)}"
+            again = f"--micro-batch {max(1, images // 2)}"
+            if os.path.exists(self.ckpt_path):
+                again = "--resume " + again
             raise TrainingStopped(
                 f"the GPU ran out of memory at step {step + 1}, with {images} images per forward pass. Run again with "
                 f"fewer ({again}): the update stays that of --batch-size {args.batch_size}, it only takes longer.") from None
@@ -274,8 +276,11 @@ class Run:
             if self.main:
                 append_metrics(self.log_path, row)
                 plot_losses(self.log_path, os.path.join(args.out_dir, "loss.png"))
-                budget = {"min": f"{row['minutes']:.1f}/{args.max_minutes:g}"} if args.max_minutes else {}  # the time budget's progress
-                self.bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{self.lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"} | budget)
+                shown = {k: f"{v:.4f}" for k, v in means.items()}
+                shown |= {"lr": f"{self.lr:.1e}", "img/s": f"{row['images_per_s']:.0f}"}
+                if args.max_minutes:  # the time budget's progress
+                    shown["min"] = f"{row['minutes']:.1f}/{args.max_minutes:g}"
+                self.bar.set_postfix(shown)
             if done % args.sample_every == 0 or done == args.max_steps or self.out_of_time:
                 self.sample_grid()
             if done % args.ckpt_every == 0 or last or done in args.keep_at:
@@ -298,7 +303,8 @@ class Run:
         """The checkpoint: weights, EMA, optimizer, step, every rank's random state, the run's settings and time."""
         model, ema, step = self.model, self.ema, self.done
         if not all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()]):
-            raise TrainingStopped(diverged(f"the weights became NaN or inf before step {step}", self.last_saved, self.args.out_dir))
+            why = f"the weights became NaN or inf before step {step}"
+            raise TrainingStopped(diverged(why, self.last_saved, self.args.out_dir))
         rng = {"cpu": self.gathered(torch.get_rng_state()),
                "cuda": self.gathered(torch.cuda.get_rng_state()) if self.device.type == "cuda" else []}
         if self.main:  # the checkpoint it replaces is kept as checkpoint.prev.pt
@@ -321,7 +327,8 @@ class Run:
         if self.main:
             labels = torch.arange(min(10, self.cfg.num_classes), device=self.device).repeat_interleave(8)
             try:
-                pictures.save_grid(self.ema.sample(labels, seed=0), 8, os.path.join(self.args.out_dir, f"samples_{self.done:07d}.png"))
+                path = os.path.join(self.args.out_dir, f"samples_{self.done:07d}.png")
+                pictures.save_grid(self.ema.sample(labels, seed=0), 8, path)
             except pictures.NonFiniteImages as e:
                 print(f"warning: no sample grid for step {self.done}: {e} (are the weights diverging? see loss.png)")
 
@@ -479,7 +486,8 @@ NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # open() refuses a link at that name (
 def run_files(out_dir):
     """The names of the files that a run writes in out_dir and that are there now (links included)."""
     names = ["checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "loss.png"]
-    return [n for n in names if os.path.lexists(os.path.join(out_dir, n))] + sorted(glob.glob("samples_*.png", root_dir=out_dir))
+    there = [n for n in names if os.path.lexists(os.path.join(out_dir, n))]
+    return there + sorted(glob.glob("samples_*.png", root_dir=out_dir))
 
 
 def claim_run_folder(args):
