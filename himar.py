@@ -432,6 +432,14 @@ def sinusoidal(values, dim):
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def residual_dtype(x):
+    """The dtype of the residual streams (the transformer's and the heads'): autocast's bf16 where it is on (on a
+    GPU, in train.py and HiMAR.sample), else x's own. Kept in bf16, the memory-bound elementwise work between the
+    matrix products (norms, modulations, residual sums) moves half the bytes: 1.06x the training images/s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over all tokens of a sequence (bidirectional), via PyTorch's fused kernel."""
 
@@ -484,7 +492,7 @@ class ScaleAwareBlock(nn.Module):
         self.b = nn.Parameter(torch.cat([one, zero, one, one, zero, one]))
 
     def forward(self, x, v):  # x [B, L, W], v [6W]
-        alpha1, beta1, gamma1, alpha2, beta2, gamma2 = (self.a * v + self.b).chunk(6)
+        alpha1, beta1, gamma1, alpha2, beta2, gamma2 = (self.a * v + self.b).to(x.dtype).chunk(6)
         x = x + gamma1 * self.attn(alpha1 * self.norm1(x) + beta1)
         return x + gamma2 * self.ffn(alpha2 * self.norm2(x) + beta2)
 
@@ -561,7 +569,7 @@ class DiffusionHead(nn.Module):
 
     def forward(self, x, t, z):  # x [B, L, D], t [B], z [B, L, Wz]
         c = self.time(sinusoidal(t, self.input.out_features))[:, None] + self.condition(z)  # [B, L, width]
-        h = self.embed(x)  # [B, L, width]
+        c, h = c.to(residual_dtype(x)), self.embed(x).to(residual_dtype(x))  # [B, L, width] each
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.out_modulation(c).chunk(2, dim=-1)
@@ -748,6 +756,7 @@ class HiMAR(nn.Module):
                 parts.append(pivot_context + self.pos_pivot)
             parts.append(self.embed(tokens, mask) + self.pos_dense)
         x = torch.cat(parts, dim=1)  # [B, L, W]
+        x = x.to(residual_dtype(x))
         if cfg.scale_vector:
             v = self.scale_mlp(sinusoidal(torch.tensor([phase], device=x.device), cfg.width))[0]  # [6W]
         else:
