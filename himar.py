@@ -756,7 +756,7 @@ class HiMAR(nn.Module):
                 parts.append(pivot_context + self.pos_pivot)
             parts.append(self.embed(tokens, mask) + self.pos_dense)
         x = torch.cat(parts, dim=1)  # [B, L, W]
-        x = x.to(residual_dtype(x))
+        x = x.to(residual_dtype(x))  # bf16 under autocast (a GPU), as the heads' streams
         if cfg.scale_vector:
             v = self.scale_mlp(sinusoidal(torch.tensor([phase], device=x.device), cfg.width))[0]  # [6W]
         else:
