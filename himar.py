@@ -568,8 +568,9 @@ class DiffusionHead(nn.Module):
         return self.input(x)
 
     def forward(self, x, t, z):  # x [B, L, D], t [B], z [B, L, Wz]
-        c = self.time(sinusoidal(t, self.input.out_features))[:, None] + self.condition(z)  # [B, L, width]
-        c, h = c.to(residual_dtype(x)), self.embed(x).to(residual_dtype(x))  # [B, L, width] each
+        dtype = residual_dtype(x)  # bf16 under autocast (a GPU)
+        c = (self.time(sinusoidal(t, self.input.out_features))[:, None] + self.condition(z)).to(dtype)  # [B, L, width]
+        h = self.embed(x).to(dtype)  # [B, L, width]
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.out_modulation(c).chunk(2, dim=-1)
