@@ -16,7 +16,7 @@ Read top to bottom:
     2. Tokenizer        pixels <-> dense tokens and pivot tokens
     3. Masks            training mask ratios, pivot dropout, the sampling schedule, the tokens an edit or given pivots fix
     4. Diffusion        cosine schedule, q_sample, training loss, DDPM / DDIM reverse samplers
-    5. Building blocks  attention, the scale-aware block (eq. 2), the DiT block (eq. 3)
+    5. Building blocks  attention, the scale-aware block (eq. 2), the DiT block (eq. 3), the residual streams' dtype
     6. Heads            the per-token MLP head and the Diffusion Transformer head, each with its loss and sampler
     7. The model        HiMAR: one training step (both phases), and the two-phase sampling loop (which also edits)
     8. Checkpoints      what a checkpoint holds: the config beside the weights
@@ -420,7 +420,8 @@ class Diffusion:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Building blocks: attention, the shared transformer's scale-aware block (eq. 2), the DiT head's block (eq. 3)
+# 5. Building blocks: attention, the shared transformer's scale-aware block (eq. 2), the DiT head's block (eq. 3),
+#    and the dtype of the residual streams they carry (bf16 on a GPU)
 # ----------------------------------------------------------------------------------------------------
 
 
