@@ -379,7 +379,7 @@ def test_benchmark_accounts_for_the_whole_forward_pass_and_times_training(capsys
     phase1 = cfg.buffer_tokens + cfg.num_pivots  # [buffer | pivots]
     phase2 = phase1 + cfg.num_dense  # [buffer | pivot context | dense]
     assert parts["blocks"] == cfg.depth * (block(phase1) + block(phase2))
-    assert result["images_per_s"] > 0
+    assert result["images_per_s"] > 0 and result["first_step_s"] > 0
     mar = benchmark.main(["--preset", "tiny", "--set", "pivots=none", "--set", "dense_head=mlp", "--steps", "0"])["parts"]
     assert "pivot_head" not in mar and mar["blocks"] < parts["blocks"]
     out = capsys.readouterr().out
@@ -390,6 +390,21 @@ def test_benchmark_accounts_for_the_whole_forward_pass_and_times_training(capsys
     with pytest.raises(SystemExit):  # the imagenet64 recipe accumulates micro-batches
         benchmark.main(["--preset", "imagenet64", "--device", "cuda", "--cuda-graphs"])
     assert "--cuda-graphs does not work with gradient accumulation" in capsys.readouterr().err
+
+
+def test_benchmark_profile_counts_overlapping_kernels_once_and_ranks_kernels_by_time():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+    import benchmark
+
+    # two steps' kernels (start us, end us, name): a matrix product overlapped by an elementwise kernel, then attention
+    step = [(0, 1000, "nvjet_tst_gemm"), (500, 1500, "triton_poi_fused_add_0"), (2000, 2600, "triton_poi_fused_add_0"),
+            (3000, 3400, "flash_fwd_kernel")]
+    kernels = step + [(start + 10000, end + 10000, name) for start, end, name in step]
+    busy, kinds, top = benchmark.kernel_time(kernels, steps=2)
+    assert busy == pytest.approx(2.5)  # 0 to 1.5 ms, 2.0 to 2.6, 3.0 to 3.4: the overlap counts once
+    assert kinds == pytest.approx({"fused elementwise (Triton)": 1.6, "matrix products": 1.0, "attention": 0.4})
+    assert [name for name, _, _ in top] == ["triton_poi_fused_add_0", "nvjet_tst_gemm", "flash_fwd_kernel"]
+    assert top[0][1:] == pytest.approx((1.6, 2))  # ms and launches per step
 
 
 @pytest.mark.parametrize("flags,device,mode", [

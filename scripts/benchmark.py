@@ -10,8 +10,9 @@
 Prints the forward FLOPs per image of each top-level part of the model (PyTorch's FLOP counter on a CPU batch
 of 4, attention counted through the math kernel), the FLOPs of one training step per image, then times
 --steps training steps of random images (after --warmup untimed ones) with train.py's training_step: images/s,
-TFLOP/s achieved, and the peak GPU memory. --profile then traces a few more steps: how much of a step the GPU is
-busy running kernels, and that time by kind of kernel.
+TFLOP/s achieved, the peak GPU memory, and how long the first step took (compilation). --profile then traces a few
+more steps: how much of a step the GPU is busy running kernels, that time by kind of kernel, and the kernels that
+take the most.
 """
 
 import argparse
@@ -63,20 +64,34 @@ def flops_by_part(model):
     return {k: v for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v > 0}, total
 
 
-def throughput(model, args, device):
-    """Images/s of train.py's training_step on random images, timed over args.steps after args.warmup steps."""
+def training_steps(model, args, device):
+    """A function that runs n of train.py's training steps on one batch of random images (the pivot dropout a
+    tensor, as train.py passes it, so that the compiled graph is train.py's) and waits for the GPU."""
     cfg = model.cfg
     optimizer = train.make_optimizer(model, args)
     images = torch.rand(args.batch_size, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
     labels = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            sync()
-            start = time.time()
-        train.training_step(model, optimizer, images, labels, 0.5, args.grad_clip, args.micro_batch)
-    sync()
-    return args.steps * args.batch_size / (time.time() - start)
+    pivot_dropout = torch.full((), 0.5, device=device)
+
+    def run(n):
+        for _ in range(n):
+            train.training_step(model, optimizer, images, labels, pivot_dropout, args.grad_clip, args.micro_batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return run
+
+
+def throughput(model, args, device):
+    """(images/s of training steps, timed over args.steps after args.warmup steps; seconds of the first step, which
+    compiles the model when it is compiled: longer on a machine whose compilation cache is empty)."""
+    run = training_steps(model, args, device)
+    start = time.time()
+    run(1)
+    first = time.time() - start
+    run(max(0, args.warmup - 1))
+    start = time.time()
+    run(args.steps)
+    return args.steps * args.batch_size / (time.time() - start), first
 
 
 def kernel_kind(name):
@@ -90,33 +105,35 @@ def kernel_kind(name):
 
 
 def profile_steps(model, args, device, steps=6):
-    """Trace `steps` training steps (after throughput's): (wall ms per step, GPU-busy ms per step, {kind: ms per
-    step}). Busy time is the union of the kernels' intervals, so kernels that overlap count once."""
+    """Trace `steps` training steps (after throughput's): wall ms per step, then kernel_time's three answers."""
     from torch.profiler import ProfilerActivity, profile
-    optimizer = train.make_optimizer(model, args)
-    cfg = model.cfg
-    images = torch.rand(args.batch_size, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-    labels = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
-    for _ in range(3):  # this optimizer's first steps
-        train.training_step(model, optimizer, images, labels, 0.5, args.grad_clip, args.micro_batch)
-    torch.cuda.synchronize()
+    run = training_steps(model, args, device)
+    run(3)  # this optimizer's first steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
         start = time.time()
-        for _ in range(steps):
-            train.training_step(model, optimizer, images, labels, 0.5, args.grad_clip, args.micro_batch)
-        torch.cuda.synchronize()
+        run(steps)
         wall = (time.time() - start) / steps * 1000
     with tempfile.TemporaryDirectory() as tmp:
         trace.export_chrome_trace(os.path.join(tmp, "trace.json"))
         with open(os.path.join(tmp, "trace.json")) as f:
             events = json.load(f)["traceEvents"]
-    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
-    busy, end, kinds = 0.0, float("-inf"), {}
-    for start_us, end_us, name in kernels:
+    kernels = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel"]
+    return (wall, *kernel_time(kernels, steps))
+
+
+def kernel_time(kernels, steps):
+    """From a trace's kernels [(start us, end us, name)] over `steps` steps: (GPU-busy ms per step, {kind: ms per
+    step}, [(name, ms per step, launches per step)] of the kernels that take the most time, largest first). Busy
+    time is the union of the kernels' intervals, so kernels that overlap count once."""
+    busy, end, kinds, names = 0.0, float("-inf"), {}, {}
+    for start_us, end_us, name in sorted(kernels):
         busy += max(0.0, end_us - max(start_us, end))
         end = max(end, end_us)
+        ms, launches = names.get(name, (0.0, 0))
+        names[name] = (ms + (end_us - start_us) / 1000 / steps, launches + 1 / steps)
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + (end_us - start_us) / 1000 / steps
-    return wall, busy / 1000 / steps, dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+    top = sorted(((name, ms, n) for name, (ms, n) in names.items()), key=lambda row: -row[1])
+    return busy / 1000 / steps, dict(sorted(kinds.items(), key=lambda kv: -kv[1])), top
 
 
 def main(argv=None):
@@ -126,7 +143,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="default: the preset's recipe")
     p.add_argument("--micro-batch", type=int, help="images per forward/backward pass (default: the preset's recipe)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps (0: count FLOPs only)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (kernel selection, compilation)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (kernel selection, compilation); at least the first is")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training forward pass (default: on a GPU, as train.py)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
@@ -155,17 +172,22 @@ def main(argv=None):
     result = {"parts": parts, "forward": forward, "train_flops": per_image}
     if args.steps > 0:
         train.compile_model(model, args, device)
-        rate = throughput(model, args, device)
+        rate, first = throughput(model, args, device)
+        print(f"the first training step took {first:.2f} s (it compiles the model, when compiled)")
+        result["first_step_s"] = first
         memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
         passes = f" in micro-batches of {args.micro_batch}" if args.micro_batch else ""
         print(f"training: batch {args.batch_size}{passes}, {rate:.0f} images/s, {rate * per_image / 1e12:.1f} TFLOP/s{memory}")
         result["images_per_s"] = rate
     if args.profile:
-        wall, busy, kinds = profile_steps(model, args, device)
+        wall, busy, kinds, top = profile_steps(model, args, device)
         print(f"profile: {wall:.1f} ms per step, the GPU busy running kernels {busy:.1f} ms of it ({100 * busy / wall:.0f}%)")
         for kind, ms in kinds.items():
             print(f"  {kind:<28} {ms:6.1f} ms per step")
-        result["profile"] = {"wall_ms": wall, "busy_ms": busy, "kinds_ms": kinds}
+        print("the 15 kernels that take the most time (ms per step, launches per step, name):")
+        for name, ms, launches in top[:15]:
+            print(f"  {ms:6.2f} {launches:5.0f}  {name[:100]}")
+        result["profile"] = {"wall_ms": wall, "busy_ms": busy, "kinds_ms": kinds, "top_kernels": top[:15]}
     return result
 
 
