@@ -281,7 +281,7 @@ def test_sampling_sweep_gives_phase_2_the_test_images_pivots_with_their_labels(t
                                           test_pivots=str(tmp_path))
     assert np.load(tmp_path / "s.npz")["arr_1"].tolist() == test[b"labels"]
     assert torch.allclose(torch.cat(given[1:]), himar.downsample(images), atol=1e-6)  # after the warm-up call, the 6 in batches
-    assert row["n"] == 6 and row["given_pivots"] == "test images"
+    assert row["n"] == 6 and row["given_pivots"] == "test images" and row["warmup_seconds"] > 0
     given.clear()
     sampling_sweep.sample_and_score(model, 4, {}, batch_size=4, warmup=2)
     assert given == [None, None]  # without test_pivots, phase 1 samples them

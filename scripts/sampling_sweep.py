@@ -101,8 +101,9 @@ def warmup_images(batch_size, compiled):
 
 def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, keep=None, warmup=8, test_pivots=None):
     """Sample num_images images (classes in turn) with model.sample(**setting), timed after `warmup` untimed ones
-    (a whole batch after compile_heads, so that compiling is not timed), and score them with the scorer script if
-    one is given. Returns {"setting", "n", "seconds", "images_per_s", scores...}. keep: also save the samples there
+    (a whole batch after compile_heads, so that compiling is not timed: its time is the row's warmup_seconds), and
+    score them with the scorer script if one is given. Returns {"setting", "n", "seconds", "images_per_s",
+    "warmup_seconds", scores...}. keep: also save the samples there
     (an npz in the ADM layout). test_pivots: a CIFAR-10 folder; phase 1 then takes the pivots of its first
     num_images test images, with their labels, instead of sampling them."""
     device = next(model.parameters()).device
@@ -117,14 +118,17 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, k
     def batch(i, n):  # the labels and the given pivots (None: phase 1 samples them) of images i to i + n - 1
         return labels[i:i + n].to(device), None if pivots is None else pivots[i:i + n].to(device)
 
+    start = time.time()
     generate(model, *batch(0, warmup), seed=123, setting=setting)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    warmup_seconds = time.time() - start
     start = time.time()
     chunks = [pictures.to_uint8(generate(model, *batch(i, batch_size), seed=i, setting=setting))
               for i in range(0, num_images, batch_size)]
     seconds = time.time() - start
-    row = {"setting": setting, "n": num_images, "seconds": round(seconds, 1), "images_per_s": round(num_images / seconds, 1)}
+    row = {"setting": setting, "n": num_images, "seconds": round(seconds, 1), "images_per_s": round(num_images / seconds, 1),
+           "warmup_seconds": round(warmup_seconds, 1)}
     if test_pivots:
         row["given_pivots"] = "test images"
     images = np.concatenate(chunks)
