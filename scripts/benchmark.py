@@ -143,7 +143,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="default: the preset's recipe")
     p.add_argument("--micro-batch", type=int, help="images per forward/backward pass (default: the preset's recipe)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps (0: count FLOPs only)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (kernel selection, compilation); at least the first is")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed steps first (kernel selection, compilation); the first step is never timed")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training forward pass (default: on a GPU, as train.py)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,

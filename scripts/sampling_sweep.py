@@ -127,8 +127,8 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, k
     chunks = [pictures.to_uint8(generate(model, *batch(i, batch_size), seed=i, setting=setting))
               for i in range(0, num_images, batch_size)]
     seconds = time.time() - start
-    row = {"setting": setting, "n": num_images, "seconds": round(seconds, 1), "images_per_s": round(num_images / seconds, 1),
-           "warmup_seconds": round(warmup_seconds, 1)}
+    row = {"setting": setting, "n": num_images, "seconds": round(seconds, 1),
+           "images_per_s": round(num_images / seconds, 1), "warmup_seconds": round(warmup_seconds, 1)}
     if test_pivots:
         row["given_pivots"] = "test images"
     images = np.concatenate(chunks)
