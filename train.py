@@ -337,7 +337,8 @@ class Run:
             print(f"trained {self.done - self.start_step} steps in {self.train_seconds / 60:.1f} min: "
                   f"{(self.done - self.start_step) * self.args.batch_size / self.train_seconds:.0f} images/s "
                   "(scripts/benchmark.py: FLOPs and TFLOP/s)")
-        if self.world_size > 1:
+        if self.world_size > 1:  # every rank at the end before any tears its connections down (gloo can abort else)
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
