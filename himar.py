@@ -14,7 +14,8 @@ One transformer serves both phases; a "scale vector" tells it which phase it is 
 Read top to bottom:
     1. Config           the model (one dataclass) and the sampling settings, whole and per phase
     2. Tokenizer        pixels <-> dense tokens and pivot tokens
-    3. Masks            training mask ratios, pivot dropout, the sampling schedule, the tokens an edit or given pivots fix
+    3. Masks            training mask ratios, pivot dropout, the sampling schedule, the tokens that an edit or given
+                        pivots fix
     4. Diffusion        cosine schedule, q_sample, training loss, DDPM / DDIM reverse samplers
     5. Building blocks  attention, the scale-aware block (eq. 2), the DiT block (eq. 3), the residual streams' dtype
     6. Heads            the per-token MLP head and the Diffusion Transformer head, each with its loss and sampler
@@ -122,7 +123,7 @@ class Config:
     mask_ratio_min: float = 0.7  # truncated normal mask ratio (phase 1, and MAR), mean 1
     mask_ratio_std: float = 0.25
     pivot_dropout_start: float = 1.0  # probability that phase 2 sees no pivots, lowered linearly ...
-    pivot_dropout_end: float = 0.1  # (the reference: 0.75 or 0.5 over 800 epochs; a short run needs its pivots, REPORT.md)
+    pivot_dropout_end: float = 0.1  # (the reference: 0.75 or 0.5 over 800 epochs; a short run needs its pivots)
     pivot_dropout_warmup: float = 0.125  # ... over this fraction of the run (the reference: 100 of 800 epochs)
     dense_full_mask: float = 0.0  # probability that a step trains phase 2 with every dense token hidden (REPORT.md)
     pivot_loss_weight: float = 2.0
@@ -311,7 +312,8 @@ def known_tokens(cfg, known_images, known_mask, batch, device):
     partly = ~whole_patches(known_mask, p) & ~whole_patches(~known_mask, p)  # [B, Nd]: neither all kept nor all not
     if partly.any():
         raise ValueError(f"known_mask must be aligned to whole dense tokens: every {p}x{p} pixel patch (patch_size "
-                         f"{p}, from the top-left corner) all True or all False; {int(partly.sum())} patches are partly kept")
+                         f"{p}, from the top-left corner) all True or all False; {int(partly.sum())} patches are "
+                         "partly kept")
     known_images = torch.where(known_mask[:, None], known_images.float(), 0)  # [B, C, H, W]: the rest unseen
     if not (known_images.isfinite().all() and known_images.abs().max() <= 1):
         raise ValueError("known_images must be pixels in [-1, 1] where kept (8-bit pixels x: x / 127.5 - 1)")
@@ -828,8 +830,8 @@ class HiMAR(nn.Module):
 
     def unmask(self, phase, labels, known, keep, settings, generator, pivot_context=None, forced=None, frames=None):
         """One phase of generation: reveal the phase's tokens in settings.steps steps (a PhaseSampling), in a random
-        order, following the cosine schedule. The tokens `known` [B, N, D] where keep [B, N] is True are given (editing; see
-        known_tokens): they start revealed, and the schedule covers only the others (in fewer steps if fewer than
+        order, following the cosine schedule. The tokens `known` [B, N, D] where keep [B, N] is True are given (editing;
+        see known_tokens): they start revealed, and the schedule covers only the others (in fewer steps if fewer than
         `steps` are left, none if all are given). forced [B, N, D]: the values that the revealed tokens take instead
         of the head's samples (phase 1 with given pivots: the transformer still runs, so each pivot gets its z_s).
         Returns the tokens [B, N, D] and, per position, the transformer output z at the step it was generated
@@ -841,7 +843,7 @@ class HiMAR(nn.Module):
         mask = ~keep  # True = not yet revealed
         z_revealed = torch.zeros(B, n, cfg.width, device=device)
         orders = known_last(random_orders(B, n, device, generator), keep)
-        schedule = reveal_counts(mask.sum(dim=1), settings.steps)  # [K, B]: per image, how many stay masked after each step
+        schedule = reveal_counts(mask.sum(dim=1), settings.steps)  # [K, B]: per image, the masked count after a step
         denoising = [Denoising(steps, settings.sampler, settings.temperature)  # per generation step (annealed steps)
                      for steps in diffusion_schedule(settings.diffusion_steps, len(schedule))]
         guided = settings.cfg_scale != 1.0 and forced is None  # with forced values, no head samples: nothing to guide
@@ -857,7 +859,7 @@ class HiMAR(nn.Module):
             z, z_null = z.chunk(2) if guided else (z, None)
             # 2. the positions revealed at this step, and the guidance scale (rising linearly with progress)
             reveal = mask & ~mask_by_order(orders, num_masked[:, None])  # [B, n]
-            scale = 1 + (settings.cfg_scale - 1) * (n - num_masked.view(B, 1, 1)) / n  # [B, 1, 1]: per image, given tokens count
+            scale = 1 + (settings.cfg_scale - 1) * (n - num_masked.view(B, 1, 1)) / n  # [B, 1, 1]; given tokens count
             # 3. the head samples them, in agreement with the tokens revealed before (or they take the forced values)
             if forced is None:
                 tokens = head.sample(tokens, mask, reveal, z, z_null, scale, denoising[step], generator)
@@ -897,7 +899,8 @@ class HiMAR(nn.Module):
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
         frames = [] if trajectory else None
         # the tokens given (editing), True in *_keep; plain generation: none
-        known_pivots, pivot_keep, known_dense, dense_keep = known_tokens(cfg, known_images, known_mask, len(labels), device)
+        known_pivots, pivot_keep, known_dense, dense_keep = known_tokens(cfg, known_images, known_mask, len(labels),
+                                                                          device)
         forced = None if pivots is None else given_pivot_tokens(cfg, pivots, known_images, len(labels), device)
         was_training = self.training
         self.eval()
@@ -908,7 +911,8 @@ class HiMAR(nn.Module):
                 # Phase 1: the low-resolution pivots, MLP head; keep each generated pivot's z_s
                 pivots, z_pivot = self.unmask(PIVOT, labels, known_pivots, pivot_keep, s.phase(PIVOT), generator,
                                               forced=forced, frames=frames)
-                # conditional tokens where phase 1 predicted the pivot, the placeholder where it was given (as in training)
+                # conditional tokens where phase 1 predicted the pivot, the placeholder where it was given (as in
+                # training)
                 dropped = torch.full(labels.shape, drop_pivots, device=device)
                 context = self.pivot_context(pivots, z_pivot, ~pivot_keep, dropped)
             # Phase 2: the dense tokens around the pivots, DiT head
@@ -1002,7 +1006,8 @@ def check_sampling_for(s, cfg):
     """The limits that depend on the model: at most one generation step per token, at most T denoising steps."""
     for name, n in (("pivot_steps", cfg.num_pivots), ("dense_steps", cfg.num_dense)):
         if getattr(s, name) > n:
-            raise ValueError(f"Sampling: {name} must be between 1 and the number of tokens ({n}), got {getattr(s, name)}")
+            raise ValueError(f"Sampling: {name} must be between 1 and the number of tokens ({n}), "
+                             f"got {getattr(s, name)}")
     if max(s.pivot_diffusion_steps + s.dense_diffusion_steps) > cfg.diffusion_steps:
         raise ValueError(f"Sampling: diffusion steps must be between 1 and diffusion_steps ({cfg.diffusion_steps})")
 
@@ -1038,7 +1043,8 @@ PRESETS = {
     "imagenet64": Config(image_size=64, patch_size=4, num_classes=1000, width=768, depth=16, num_heads=12,
                          mlp_head_width=1024, mlp_head_depth=3, dit_head_width=384, dit_head_depth=3,
                          dit_head_num_heads=6, dit_head_repeats=2,
-                         sampling=Sampling(pivot_steps=32, pivot_cfg=3.0, pivot_diffusion_steps=50, dense_diffusion_steps=50)),
+                         sampling=Sampling(pivot_steps=32, pivot_cfg=3.0, pivot_diffusion_steps=50,
+                                           dense_diffusion_steps=50)),
 }
 
 
@@ -1049,5 +1055,6 @@ def preset(name, **overrides):
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     cfg = PRESETS[name]
     sampling_names = {f.name for f in fields(Sampling)}
-    sampling = replace(overrides.pop("sampling", cfg.sampling), **{k: v for k, v in overrides.items() if k in sampling_names})
+    sampling = replace(overrides.pop("sampling", cfg.sampling),
+                       **{k: v for k, v in overrides.items() if k in sampling_names})
     return replace(cfg, sampling=sampling, **{k: v for k, v in overrides.items() if k not in sampling_names})

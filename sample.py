@@ -107,7 +107,8 @@ def parse_args(argv=None):
                    help="the checkpoint's EMA weights (default), or its raw training weights: for a short run, whose "
                         "EMA still holds much of its first steps' weights")
     p.add_argument("--grid", help="PNG grid to write ('' for none; default samples.png, or edits.png with --edit)")
-    p.add_argument("--labels", type=int, nargs="+", help="classes of the grid rows, or of the edits with --edit (default: the first 10 classes)")
+    p.add_argument("--labels", type=int, nargs="+",
+                   help="classes of the grid rows, or of the edits with --edit (default: the first 10 classes)")
     p.add_argument("--per-class", type=int, help="grid images per class (default: 10 on a GPU, 2 on a CPU)")
     p.add_argument("--num-images", type=int, default=0, help="with --npz: how many samples, spread evenly over classes")
     p.add_argument("--npz", help="write --num-images samples here (arr_0 uint8 [N,H,W,3], arr_1 labels)")
@@ -115,9 +116,9 @@ def parse_args(argv=None):
                                         "trajectory.png, or edit_trajectory.png with --edit)")
     p.add_argument("--edit", metavar="IMAGE.png",
                    help="zero-shot editing: keep the --keep region of this picture (the model's size, e.g. 32x32 RGB) "
-                        "and generate the rest once as each --labels class; the grid has one row per edit, named by its "
-                        "class: the input, the kept region (generated pixels magenta), the edit; the trajectory shows "
-                        "the first 4 edits")
+                        "and generate the rest once as each --labels class; the grid has one row per edit, named by "
+                        "its class: the input, the kept region (generated pixels magenta), the edit; the trajectory "
+                        "shows the first 4 edits")
     p.add_argument("--keep", choices=KEEP_REGIONS,
                    help="with --edit, the pixels kept: a half (left, right, top, bottom), the central half-size square "
                         "(center: outpainting) or all but it (border: inpainting)")
@@ -232,8 +233,9 @@ def main(argv=None):
         with stopped_like_ctrl_c():
             run(args)
     except torch.cuda.OutOfMemoryError:
-        sys.exit(f"error: the GPU ran out of memory while sampling. Sample fewer images at once: a smaller --batch-size "
-                 f"for --npz (now {args.batch_size}), a smaller --per-class for the grid, fewer --labels for edits.")
+        sys.exit(f"error: the GPU ran out of memory while sampling. Sample fewer images at once: a smaller "
+                 f"--batch-size for --npz (now {args.batch_size}), a smaller --per-class for the grid, fewer --labels "
+                 "for edits.")
     except pictures.NonFiniteImages as e:
         sys.exit(f"error: {e}, so they were not written. Lower --pivot-cfg, --dense-cfg or --temperature; or, if the "
                  "checkpoint's weights had diverged, sample the run's checkpoint.prev.pt (the save before the last).")
@@ -241,8 +243,8 @@ def main(argv=None):
 
 @contextlib.contextmanager
 def stopped_like_ctrl_c():
-    """SIGTERM and SIGHUP stop sampling as Ctrl-C does (KeyboardInterrupt), through the clean-ups of `checkpoints.written`:
-    no temporary file is left behind."""
+    """SIGTERM and SIGHUP stop sampling as Ctrl-C does (KeyboardInterrupt), through the clean-ups of
+    `checkpoints.written`: no temporary file is left behind."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -262,14 +264,16 @@ def run(args):
     try:
         model = checkpoints.load_model(args.ckpt, device, key=args.weights)
     except checkpoints.CheckpointError as e:
-        hint = "\n(the shipped model is checkpoints/himar_cifar10.pt in the repository)" if args.ckpt == SHIPPED_CHECKPOINT else ""
+        shipped = args.ckpt == SHIPPED_CHECKPOINT
+        hint = "\n(the shipped model is checkpoints/himar_cifar10.pt in the repository)" if shipped else ""
         sys.exit(f"error: {e}{hint}")
     cfg = model.cfg
     sampling = sampling_settings(args, cfg)
     labels = args.labels if args.labels else list(range(min(10, cfg.num_classes)))
     if min(labels) < 0 or max(labels) >= cfg.num_classes:
         sys.exit(f"error: --labels must be class indices in [0, {cfg.num_classes})")
-    print(f"{args.ckpt} ({args.weights} weights): {model.num_params() / 1e6:.1f}M parameters, {cfg.image_size}x{cfg.image_size}, on {device}")
+    print(f"{args.ckpt} ({args.weights} weights): {model.num_params() / 1e6:.1f}M parameters, "
+          f"{cfg.image_size}x{cfg.image_size}, on {device}")
     print(f"sampling: K1 = {sampling.pivot_steps} pivot steps, K2 = {sampling.dense_steps} dense steps, CFG "
           f"{sampling.pivot_cfg:g} / {sampling.dense_cfg:g}, denoising steps {sampling.pivot_sampler} "
           f"{sampling.pivot_diffusion_steps} / {sampling.dense_sampler} {sampling.dense_diffusion_steps}")
@@ -314,7 +318,8 @@ def run(args):
         verb = wrote(args.npz)
         with checkpoints.written(args.npz) as tmp:
             np.savez(tmp, arr_0=np.concatenate(chunks), arr_1=all_labels.numpy())
-        print(f"{verb} {args.npz}: {args.num_images} images in {seconds:.1f} s ({args.num_images / seconds:.1f} images/s)")
+        print(f"{verb} {args.npz}: {args.num_images} images in {seconds:.1f} s "
+              f"({args.num_images / seconds:.1f} images/s)")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ except ImportError:
 # micro_batch: images per forward/backward pass on a GPU (None: the whole batch); imagenet64's 512 do not fit at once.
 RECIPES = {
     "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99, micro_batch=None),
-    "cifar10": dict(steps=14900, batch_size=256, lr=6e-4, warmup=500, ema_decay=0.999, micro_batch=None),  # ~20 min, one H100
+    # cifar10: about 20 minutes on one H100
+    "cifar10": dict(steps=14900, batch_size=256, lr=6e-4, warmup=500, ema_decay=0.999, micro_batch=None),
     # imagenet64: about a day on one H100 (892 images/s measured, REPORT.md): 150,000 x 512 = 60 epochs
     "imagenet64": dict(steps=150000, batch_size=512, lr=4e-4, warmup=5000, ema_decay=0.9999, micro_batch=128),
 }
@@ -72,7 +73,8 @@ def train(args, model_class=himar.HiMAR):
                                                        args.grad_clip, args.micro_batch)
             update_ema(ema, model, ema_decay_at(args, step))
             run.record(step, lr, loss, parts, grad_norm)
-            if run.log_sample_save():  # every --log-every, --sample-every, --ckpt-every; True at the end of --max-minutes
+            # every --log-every, --sample-every, --ckpt-every; True at the end of --max-minutes
+            if run.log_sample_save():
                 break
         run.finish()
 
@@ -176,7 +178,8 @@ def compile_model(model, args, device):
     default on a GPU and off on a CPU; --cuda-graphs, on by default where it works (a compiled GPU run whose steps
     are one pass each), also replays it as CUDA graphs. Sampling stays eager."""
     compiled = args.compile or (args.compile is None and device.type == "cuda")
-    graphs = args.cuda_graphs or (args.cuda_graphs is None and compiled and device.type == "cuda" and not accumulates(args))
+    graphs = args.cuda_graphs or (args.cuda_graphs is None and compiled and device.type == "cuda"
+                                  and not accumulates(args))
     if graphs:  # torch's hint that some calls take a slower, checked path; measured whole, the step is still faster
         warnings.filterwarnings("ignore", message="Unable to hit fast path of CUDAGraphs")
     if compiled:
@@ -207,7 +210,7 @@ class Run:
         self.done = self.start_step  # steps done
         self.seconds = self.earlier_seconds  # training time of the whole run so far, read at every step
         self.train_seconds = 0.0  # ... of this process, up to the last log
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient since the last log
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss or gradient since the last log
         self.sums, self.count = {}, 0
         self.interrupted = self.out_of_time = False
 
@@ -236,7 +239,8 @@ class Run:
                 again = "--resume " + again
             raise TrainingStopped(
                 f"the GPU ran out of memory at step {step + 1}, with {images} images per forward pass. Run again with "
-                f"fewer ({again}): the update stays that of --batch-size {args.batch_size}, it only takes longer.") from None
+                f"fewer ({again}): the update stays that of --batch-size {args.batch_size}, it only takes "
+                "longer.") from None
 
     def record(self, step, lr, loss, parts, grad_norm):
         """Add a step's losses to the log's sums (on the device: no wait for the GPU), note any NaN or inf, and read
@@ -247,9 +251,9 @@ class Run:
             self.sums[key] = self.sums.get(key, 0.0) + value.float()
         self.count += 1
         self.done = step + 1
-        signalled, self.seconds = largest_on_any_rank(
-            [float(stopping.signal is not None), self.earlier_seconds + self.train_seconds + time.time() - self.timer_start],
-            self.device, self.world_size)
+        seconds = self.earlier_seconds + self.train_seconds + time.time() - self.timer_start
+        signalled, self.seconds = largest_on_any_rank([float(stopping.signal is not None), seconds],
+                                                      self.device, self.world_size)
         self.interrupted = signalled > 0  # Ctrl-C, SIGTERM or SIGHUP on any rank: finish this step, save, exit
         self.out_of_time = self.args.max_minutes is not None and self.seconds >= 60 * self.args.max_minutes
 
@@ -296,7 +300,8 @@ class Run:
                               "continue the run with --resume")
         self.timer_start = time.time()
         if self.out_of_time and self.main:
-            print(f"stopping after {(self.earlier_seconds + self.train_seconds) / 60:.2f} minutes of training (--max-minutes)")
+            minutes = (self.earlier_seconds + self.train_seconds) / 60
+            print(f"stopping after {minutes:.2f} minutes of training (--max-minutes)")
         return self.out_of_time
 
     def save(self):
@@ -309,8 +314,8 @@ class Run:
                "cuda": self.gathered(torch.cuda.get_rng_state()) if self.device.type == "cuda" else []}
         if self.main:  # the checkpoint it replaces is kept as checkpoint.prev.pt
             checkpoints.save_checkpoint(self.ckpt_path, himar.to_checkpoint(
-                self.cfg, model=model.state_dict(), ema=ema.state_dict(), optimizer=self.optimizer.state_dict(), step=step,
-                rng=rng, args=vars(self.args), train_seconds=self.earlier_seconds + self.train_seconds),
+                self.cfg, model=model.state_dict(), ema=ema.state_dict(), optimizer=self.optimizer.state_dict(),
+                step=step, rng=rng, args=vars(self.args), train_seconds=self.earlier_seconds + self.train_seconds),
                 previous=os.path.join(self.args.out_dir, "checkpoint.prev.pt"))
         self.last_saved = step
 
@@ -359,7 +364,8 @@ class Stopping:
     """Within `with stopping:`, SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed) do not kill training: they
     ask it to finish the step it is in, save a checkpoint and stop. A second request stops at once, without saving."""
 
-    SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])  # (Windows: none)
+    # (Windows has no SIGHUP)
+    SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     signal = None
 
     def __enter__(self):
@@ -397,10 +403,12 @@ def largest_on_any_rank(values, device, world_size):
 
 
 def saved_so_far(last_saved, ckpt_path):
-    """What a run that stops now has saved (last_saved: the step its checkpoint holds, None if none), and how to go on."""
+    """What a run that stops now has saved (last_saved: the step its checkpoint holds, None if none), and how to go
+    on."""
     if last_saved is None:
         return "No checkpoint was saved: start again with --overwrite"
-    return f"Nothing after step {last_saved} was saved: {ckpt_path} holds step {last_saved}; continue from it with --resume"
+    return (f"Nothing after step {last_saved} was saved: {ckpt_path} holds step {last_saved}; continue from it with "
+            "--resume")
 
 
 def diverged(what, last_saved, out_dir):
@@ -525,11 +533,12 @@ def claim_run_folder(args):
     old = run_files(args.out_dir)
     if old and not args.resume:
         if not args.overwrite and "checkpoint.pt" in old:
-            raise SystemExit(f"error: {args.out_dir} holds a run (checkpoint.pt): continue it with --resume, start afresh "
-                             "there with --overwrite (which deletes it), or choose another --out-dir")
+            raise SystemExit(f"error: {args.out_dir} holds a run (checkpoint.pt): continue it with --resume, start "
+                             "afresh there with --overwrite (which deletes it), or choose another --out-dir")
         if not args.overwrite:
-            raise SystemExit(f"error: {args.out_dir} holds the files of a run that saved no checkpoint ({', '.join(old)}): "
-                             "start afresh there with --overwrite (which deletes them), or choose another --out-dir")
+            raise SystemExit(f"error: {args.out_dir} holds the files of a run that saved no checkpoint "
+                             f"({', '.join(old)}): start afresh there with --overwrite (which deletes them), or "
+                             "choose another --out-dir")
         for name in old:
             os.remove(os.path.join(args.out_dir, name))
     return lock
@@ -561,13 +570,15 @@ def run_config(args, main_process):
 
 def resumed_args(args, saved, verbose):
     """--resume: the run's own settings, saved in its checkpoint, for every flag not given now; a given flag that
-    differs is printed as a change. The device, --compile and --cuda-graphs are this process's own. --preset must agree."""
+    differs is printed as a change. The device, --compile and --cuda-graphs are this process's own. --preset must
+    agree."""
     if "preset" in args.given and saved.get("preset", args.preset) != args.preset:
-        raise SystemExit(f"error: the run in {args.out_dir} was trained with --preset {saved['preset']}, not {args.preset}: "
-                         "resume it without --preset (or start a new run in another --out-dir)")
+        raise SystemExit(f"error: the run in {args.out_dir} was trained with --preset {saved['preset']}, not "
+                         f"{args.preset}: resume it without --preset (or start a new run in another --out-dir)")
     merged = argparse.Namespace(**vars(args))
     for key, value in saved.items():
-        if key in ("resume", "overwrite", "device", "compile", "cuda_graphs", "out_dir", "given") or not hasattr(args, key):
+        this_process = ("resume", "overwrite", "device", "compile", "cuda_graphs", "out_dir", "given")
+        if key in this_process or not hasattr(args, key):
             continue
         if key not in args.given:
             setattr(merged, key, value)
@@ -578,7 +589,8 @@ def resumed_args(args, saved, verbose):
 
 
 def resume_problem(checkpoint):
-    """Why a checkpoint cannot be resumed (None if it can): what train.py saves besides the weights, each of its kind."""
+    """Why a checkpoint cannot be resumed (None if it can): what train.py saves besides the weights, each of its
+    kind."""
     if "optimizer" not in checkpoint:
         return ("it holds no optimizer state (an exported checkpoint, or one written by an older version of himar); "
                 "it can still be sampled with sample.py")
@@ -594,7 +606,9 @@ def resume_problem(checkpoint):
 def go_back_hint(out_dir):
     """How to go back to the save before the last one of the run in out_dir ('' if it is not there)."""
     checkpoint, previous = os.path.join(out_dir, "checkpoint.pt"), os.path.join(out_dir, "checkpoint.prev.pt")
-    return f" The save before it is kept: `mv {previous} {checkpoint}` goes back to it." if os.path.exists(previous) else ""
+    if not os.path.exists(previous):
+        return ""
+    return f" The save before it is kept: `mv {previous} {checkpoint}` goes back to it."
 
 
 def restore(checkpoint, model, ema, optimizer, rank, device):
@@ -624,7 +638,8 @@ def training_data(args, cfg, rank, world_size, device):
         try:
             torch.distributed.broadcast(failed, 0)
         except RuntimeError:  # rank 0's process is gone
-            raise SystemExit(f"error: rank {rank}: rank 0 stopped before the data was read; its message says why") from None
+            raise SystemExit(f"error: rank {rank}: rank 0 stopped before the data was read; its message says "
+                             "why") from None
         if failed.item() and rank != 0:
             raise SystemExit(f"error: rank {rank}: rank 0 could not read the data set; its message says why")
         if rank != 0:
@@ -632,13 +647,15 @@ def training_data(args, cfg, rank, world_size, device):
     if error:
         raise SystemExit(f"error: {error}" if rank == 0 else f"error: rank {rank}: {error}")
     if args.batch_size % world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the number of processes "
+                         f"({world_size})")
     if data.labels.max() >= cfg.num_classes:
-        raise SystemExit(f"error: the data has {int(data.labels.max()) + 1} classes, the {args.preset} preset {cfg.num_classes}; "
-                         f"use --set num_classes={int(data.labels.max()) + 1}")
+        classes = int(data.labels.max()) + 1
+        raise SystemExit(f"error: the data has {classes} classes, the {args.preset} preset {cfg.num_classes}; "
+                         f"use --set num_classes={classes}")
     if len(data.labels) // world_size < args.batch_size // world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(data.labels)} images of the data set "
-                         f"(on {world_size} process(es)): lower it")
+        raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(data.labels)} images of the "
+                         f"data set (on {world_size} process(es)): lower it")
     if device.type == "cuda" and data.images.numel() < 2**31:  # small data sets live on the GPU
         data.images = data.images.to(device)
     return data
@@ -651,15 +668,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train Hi-MAR on one GPU (or several with torchrun).", allow_abbrev=False)
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "imagenet64", "folder"])
     p.add_argument("--data-dir", default="./data", help="folder that holds (or receives) the data set")
-    p.add_argument("--preset", choices=list(himar.PRESETS), help="model config (default: cifar10, or imagenet64 for that data set)")
+    p.add_argument("--preset", choices=list(himar.PRESETS),
+                   help="model config (default: cifar10, or imagenet64 for that data set)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change a config field, e.g. --set pivots=none --set dense_head=mlp (repeatable)")
     p.add_argument("--out-dir", help="where checkpoints, logs and samples go (default: runs/<preset>)")
     p.add_argument("--max-steps", type=int, help="training steps (default: the preset's recipe)")
     p.add_argument("--max-minutes", type=float,
                    help="also stop once the run has trained this long in all (resumed runs count their earlier time); "
-                        "the learning-rate decay and the pivot-dropout schedule then run over this time (the clock is read "
-                        "at every step)")
+                        "the learning-rate decay and the pivot-dropout schedule then run over this time (the clock is "
+                        "read at every step)")
     p.add_argument("--batch-size", type=int, help="global batch size (default: the preset's recipe)")
     p.add_argument("--micro-batch", type=int,
                    help="images per forward/backward pass on each GPU; their gradients add up to one update of the "
@@ -674,22 +692,24 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out-dir from its checkpoint, with its own settings (flags given now change them)")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds a run, deleting it")
+                   help="continue the run in --out-dir from its checkpoint, with its own settings (flags given now "
+                        "change them)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out-dir that holds a run, deleting it")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the training forward pass whole (default: on a GPU, where it trains cifar10 about "
-                        "2x as fast on an H100, see REPORT.md; --no-compile if your setup cannot compile)")
+                   help="torch.compile the training forward pass whole (default: on a GPU, where it trains cifar10 "
+                        "about 2x as fast on an H100, see REPORT.md; --no-compile if your setup cannot compile)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
-                   help="replay the compiled forward and backward as CUDA graphs (torch.compile's 'reduce-overhead' mode), "
-                        "with less time spent launching kernels (default: on where it is measured to work, a GPU with "
-                        "--compile and one forward pass a step; cifar10 on one H100: 14,900 steps in 19.3 instead of "
-                        "21.0 min; on 2 H100s: 3,426 instead of 2,535 images/s; see REPORT.md)")
+                   help="replay the compiled forward and backward as CUDA graphs (torch.compile's 'reduce-overhead' "
+                        "mode), with less time spent launching kernels (default: on where it is measured to work, a "
+                        "GPU with --compile and one forward pass a step; cifar10 on one H100: 14,900 steps in 19.3 "
+                        "instead of 21.0 min; on 2 H100s: 3,426 instead of 2,535 images/s; see REPORT.md)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=2000)
     p.add_argument("--ckpt-every", type=int, default=1000)
     p.add_argument("--keep-at", type=int, nargs="+", default=[], metavar="STEP",
-                   help="also keep the checkpoint of these steps, as checkpoint_<step>.pt (to score a run along the way: "
-                        "scripts/cifar10_ablation.py)")
+                   help="also keep the checkpoint of these steps, as checkpoint_<step>.pt (to score a run along the "
+                        "way: scripts/cifar10_ablation.py)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     # the flags given on this command line (the others may come from a run's checkpoint when resuming)
@@ -722,7 +742,8 @@ def check_args(args, error):
     if args.micro_batch is not None and args.micro_batch <= 0:
         error(f"--micro-batch must be a positive whole number, got {args.micro_batch}")
     if args.micro_batch is not None and args.micro_batch > args.batch_size:
-        error(f"--micro-batch {args.micro_batch} is more than the batch (--batch-size {args.batch_size}): give at most that")
+        error(f"--micro-batch {args.micro_batch} is more than the batch (--batch-size {args.batch_size}): give at most "
+              "that")
     if args.warmup_steps < 0:
         error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if not 0 <= args.weight_decay < math.inf:
@@ -766,7 +787,8 @@ def config_from_args(args):
     except ValueError as e:  # e.g. a width that the number of heads does not divide
         raise SystemExit(f"error: --set: {e}") from None
     if cfg.channels != 3:
-        raise SystemExit(f"error: --set channels={cfg.channels}: the data sets train.py reads are RGB, so channels must be 3")
+        raise SystemExit(f"error: --set channels={cfg.channels}: the data sets train.py reads are RGB, so channels "
+                         "must be 3")
     return cfg
 
 
@@ -795,7 +817,8 @@ def config_overrides(pairs):
             else:
                 overrides[name] = kind(value)
         except (ValueError, KeyError):
-            what = {tuple: "number or a pair FIRST,LAST", bool: "true or false (or 1/0, yes/no, on/off)"}.get(kind, kind.__name__)
+            what = {tuple: "number or a pair FIRST,LAST",
+                    bool: "true or false (or 1/0, yes/no, on/off)"}.get(kind, kind.__name__)
             raise SystemExit(f"error: --set {pair}: {name} must be a {what}") from None
     return overrides
 
@@ -843,7 +866,8 @@ def main(argv=None):
         print(e, file=sys.stderr)
         raise SystemExit(130) from None
     except StoppedAtOnce as e:
-        print(f"{e} again: stopped at once, without saving; --resume continues from the last checkpoint", file=sys.stderr)
+        print(f"{e} again: stopped at once, without saving; --resume continues from the last checkpoint",
+              file=sys.stderr)
         raise SystemExit(130) from None
 
 
