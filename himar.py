@@ -351,24 +351,26 @@ def diffusion_schedule(diffusion_steps, steps):
 # ----------------------------------------------------------------------------------------------------
 
 
-class Diffusion:
+class Diffusion(nn.Module):
     """Gaussian diffusion over tokens. x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 0..T-1, with the
     cosine schedule of Nichol & Dhariwal (2021). A head learns eps(x_t | t, z) by MSE; sampling runs the reverse
-    process on `steps` evenly spaced timesteps from T-1 down to 0 (respacing, both ends included)."""
+    process on `steps` evenly spaced timesteps from T-1 down to 0 (respacing, both ends included).
+    It has no weights; it is a module so that its table of abar_t moves to the model's device with the model."""
 
     def __init__(self, num_steps):
+        super().__init__()
         self.num_steps = num_steps
         s = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-        self.alpha_bar = torch.cumprod(1 - betas, 0)  # [T], float64, on the CPU
-        self._alpha_bar_here = self.alpha_bar  # a copy on the device of the last batch
+        alpha_bar = torch.cumprod(1 - betas, 0)  # [T], float64
+        # a buffer, not saved in checkpoints: training looks up a batch of timesteps on the model's device
+        self.register_buffer("alpha_bar", alpha_bar, persistent=False)
+        self.alpha_bar_values = alpha_bar.tolist()  # the same as floats: the sampler's per-step scalars, no GPU sync
 
     def _abar(self, t, like):
         """abar_t for a batch of timesteps t [M], shaped to broadcast against `like` [M, ...]."""
-        if self._alpha_bar_here.device != like.device:  # copy the table to the GPU once, not at every step
-            self._alpha_bar_here = self.alpha_bar.to(like.device)
-        abar = self._alpha_bar_here[t].to(like.dtype)
+        abar = self.alpha_bar[t].to(like.dtype)
         return abar.view(-1, *[1] * (like.dim() - 1))
 
     def q_sample(self, x0, t, noise):
@@ -404,8 +406,8 @@ class Diffusion:
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
             if known is not None:
                 x = torch.where(keep[..., None], self.q_sample(known, t_batch, noise), x)
-            abar = self.alpha_bar[t].item()
-            abar_prev = self.alpha_bar[timesteps[i + 1]].item() if i + 1 < steps else 1.0
+            abar = self.alpha_bar_values[t]
+            abar_prev = self.alpha_bar_values[timesteps[i + 1]] if i + 1 < steps else 1.0
             eps = eps_fn(x, t_batch)
             x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)  # tokens are pixels in [-1, 1]
             if sampler == "ddim":  # x_{t-1} = sqrt(abar') x0 + sqrt(1 - abar') eps, eps re-derived from the clamped x0
@@ -558,7 +560,7 @@ class DiffusionHead(nn.Module):
 
     def __init__(self, token_dim, z_dim, width, blocks, diffusion):
         super().__init__()
-        self.diffusion = diffusion  # the process (not a module: it has no weights)
+        self.diffusion = diffusion  # the process (no weights; one Diffusion shared by the heads)
         self.input = nn.Linear(token_dim, width)
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.condition = nn.Linear(z_dim, width)

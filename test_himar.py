@@ -296,6 +296,20 @@ def test_diffusion_sampler_with_the_exact_denoiser_returns_a_gaussian(steps):
     assert few.mean().item() == pytest.approx(mean, abs=0.01) and few.std().item() < 0.9 * std
 
 
+def test_the_diffusion_table_moves_with_the_model_and_stays_out_of_checkpoints():
+    """Training looks abar_t up on the model's device. A table that stayed on the CPU was copied to the GPU inside the
+    first compiled training step, so the second step no longer matched what had been traced and the whole step was
+    compiled again (53 s on an H200, REPORT.md). Its sampler scalars are the same values as floats."""
+    model = himar.HiMAR(himar.preset("tiny"))
+    keys = set(model.state_dict())
+    assert model.pivot_head.diffusion is model.dense_head.diffusion  # one process, shared by the two heads
+    diffusion = model.dense_head.diffusion
+    assert diffusion.alpha_bar_values == diffusion.alpha_bar.tolist() and len(diffusion.alpha_bar_values) == 1000
+    model.to("meta")
+    assert diffusion.alpha_bar.device.type == "meta"
+    assert not any("alpha_bar" in key for key in keys)  # checkpoints keep the same keys
+
+
 def test_diffusion_loss_is_small_for_the_exact_denoiser():
     diffusion = himar.Diffusion(1000)
     target = torch.tensor([0.5, -0.25])
