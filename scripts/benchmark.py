@@ -10,7 +10,7 @@
 Prints the forward FLOPs per image of each top-level part of the model (PyTorch's FLOP counter on a CPU batch
 of 4, attention counted through the math kernel), the FLOPs of one training step per image, then times
 --steps training steps of random images (after --warmup untimed ones) with train.py's training_step: images/s,
-TFLOP/s achieved, the peak GPU memory, and how long the first step took (compilation). --profile then traces a few
+TFLOP/s achieved, the peak GPU memory, and how long the first two steps took (compilation). --profile then traces a few
 more steps: how much of a step the GPU is busy running kernels, that time by kind of kernel, and the kernels that
 take the most.
 """
@@ -82,16 +82,19 @@ def training_steps(model, args, device):
 
 
 def throughput(model, args, device):
-    """(images/s of training steps, timed over args.steps after args.warmup steps; seconds of the first step, which
-    compiles the model when it is compiled: longer on a machine whose compilation cache is empty)."""
+    """(images/s of training steps, timed over args.steps after args.warmup steps; the seconds of the first two
+    steps: the first compiles the model when it is compiled, longer on a machine whose compilation cache is empty,
+    and a second step as slow means that something made it compile again)."""
     run = training_steps(model, args, device)
-    start = time.time()
-    run(1)
-    first = time.time() - start
-    run(max(0, args.warmup - 1))
+    first_two = []
+    for _ in range(2):
+        start = time.time()
+        run(1)
+        first_two.append(time.time() - start)
+    run(max(0, args.warmup - 2))
     start = time.time()
     run(args.steps)
-    return args.steps * args.batch_size / (time.time() - start), first
+    return args.steps * args.batch_size / (time.time() - start), first_two
 
 
 def kernel_kind(name):
@@ -144,7 +147,7 @@ def main(argv=None):
     p.add_argument("--micro-batch", type=int, help="images per forward/backward pass (default: the preset's recipe)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps (0: count FLOPs only)")
     p.add_argument("--warmup", type=int, default=10,
-                   help="untimed steps first (kernel selection, compilation); the first step is never timed")
+                   help="untimed steps first (kernel selection, compilation); the first two are never timed")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training forward pass (default: on a GPU, as train.py)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
@@ -173,9 +176,10 @@ def main(argv=None):
     result = {"parts": parts, "forward": forward, "train_flops": per_image}
     if args.steps > 0:
         train.compile_model(model, args, device)
-        rate, first = throughput(model, args, device)
-        print(f"the first training step took {first:.2f} s (it compiles the model, when compiled)")
-        result["first_step_s"] = first
+        rate, (first, second) = throughput(model, args, device)
+        print(f"the first two training steps took {first:.2f} s and {second:.2f} s (the first compiles the model, "
+              "when compiled; a second as slow compiled it again)")
+        result["first_steps_s"] = [first, second]
         memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
         passes = f" in micro-batches of {args.micro_batch}" if args.micro_batch else ""
         print(f"training: batch {args.batch_size}{passes}, {rate:.0f} images/s, {rate * per_image / 1e12:.1f} TFLOP/s{memory}")
