@@ -14,8 +14,7 @@ One transformer serves both phases; a "scale vector" tells it which phase it is 
 Read top to bottom:
     1. Config           the model (one dataclass) and the sampling settings, whole and per phase
     2. Tokenizer        pixels <-> dense tokens and pivot tokens
-    3. Masks            training mask ratios, pivot dropout, the sampling schedule, the tokens that an edit or given
-                        pivots fix
+    3. Masks            training mask ratios, pivot dropout, the sampling schedule, tokens fixed by edits or pivots
     4. Diffusion        cosine schedule, q_sample, training loss, DDPM / DDIM reverse samplers
     5. Building blocks  attention, the scale-aware block (eq. 2), the DiT block (eq. 3), the residual streams' dtype
     6. Heads            the per-token MLP head and the Diffusion Transformer head, each with its loss and sampler

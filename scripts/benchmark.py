@@ -10,9 +10,9 @@
 Prints the forward FLOPs per image of each top-level part of the model (PyTorch's FLOP counter on a CPU batch
 of 4, attention counted through the math kernel), the FLOPs of one training step per image, then times
 --steps training steps of random images (after --warmup untimed ones) with train.py's training_step: images/s,
-TFLOP/s achieved, the peak GPU memory, and how long the first two steps took (compilation). --profile then traces a few
-more steps: how much of a step the GPU is busy running kernels, that time by kind of kernel, and the kernels that
-take the most.
+TFLOP/s achieved, the peak GPU memory, and how long the first two steps took (compilation). --profile then traces
+a few more steps: how much of a step the GPU is busy running kernels, that time by kind of kernel, and the kernels
+that take the most.
 """
 
 import argparse

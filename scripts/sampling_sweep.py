@@ -103,9 +103,9 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, k
     """Sample num_images images (classes in turn) with model.sample(**setting), timed after `warmup` untimed ones
     (a whole batch after compile_heads, so that compiling is not timed: its time is the row's warmup_seconds), and
     score them with the scorer script if one is given. Returns {"setting", "n", "seconds", "images_per_s",
-    "warmup_seconds", scores...}. keep: also save the samples there
-    (an npz in the ADM layout). test_pivots: a CIFAR-10 folder; phase 1 then takes the pivots of its first
-    num_images test images, with their labels, instead of sampling them."""
+    "warmup_seconds", scores...}. keep: also save the samples there (an npz in the ADM layout). test_pivots: a
+    CIFAR-10 folder; phase 1 then takes the pivots of its first num_images test images, with their labels, instead
+    of sampling them."""
     device = next(model.parameters()).device
     labels, pivots = torch.arange(num_images) % model.cfg.num_classes, None
     if test_pivots:
