@@ -128,7 +128,7 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, k
               for i in range(0, num_images, batch_size)]
     seconds = time.time() - start
     row = {"setting": setting, "n": num_images, "seconds": round(seconds, 1),
-           "images_per_s": round(num_images / seconds, 1), "warmup_seconds": round(warmup_seconds, 1)}
+           "images_per_s": round(num_images / seconds, 1), "warmup_seconds": round(warmup_seconds, 3)}
     if test_pivots:
         row["given_pivots"] = "test images"
     images = np.concatenate(chunks)
