@@ -15,7 +15,7 @@ Read top to bottom:
     1. Config           the model (one dataclass) and the sampling settings, whole and per phase
     2. Tokenizer        pixels <-> dense tokens and pivot tokens
     3. Masks            training mask ratios, pivot dropout, the sampling schedule, tokens fixed by edits or pivots
-    4. Diffusion        cosine schedule, q_sample, training loss, DDPM / DDIM reverse samplers
+    4. Diffusion        cosine schedule, q_sample, training loss, DDPM / DDIM on evenly or quadratically spaced steps
     5. Building blocks  attention, the scale-aware block (eq. 2), the DiT block (eq. 3), the residual streams' dtype
     6. Heads            the per-token MLP head and the Diffusion Transformer head, each with its loss and sampler
     7. The model        HiMAR: one training step (both phases), and the two-phase sampling loop (which also edits)
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 PIVOT, DENSE = 0, 1  # the two phases (the paper's two scales); the index feeds the scale vector
 SAMPLERS = ("ddpm", "ddim")
+SPACINGS = ("uniform", "quadratic")  # where a sampler puts its denoising steps (Diffusion.timesteps)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Sampling:
     dense_diffusion_steps: tuple = (25, 25)  # DiT head: likewise
     pivot_sampler: str = "ddim"  # "ddpm" (ancestral) or "ddim" (deterministic, eta 0); see REPORT.md for the choice
     dense_sampler: str = "ddim"
+    pivot_spacing: str = "uniform"  # the denoising steps evenly spaced in t, or "quadratic": denser at low noise
+    dense_spacing: str = "uniform"
 
     def __post_init__(self):
         self.pivot_diffusion_steps = annealed_range(self.pivot_diffusion_steps)
@@ -70,9 +73,9 @@ class Sampling:
         """The settings of one phase (PIVOT or DENSE), as the generation loop reads them."""
         if phase == PIVOT:
             return PhaseSampling(self.pivot_steps, self.pivot_cfg, self.pivot_diffusion_steps, self.pivot_sampler,
-                                 self.temperature)
+                                 self.pivot_spacing, self.temperature)
         return PhaseSampling(self.dense_steps, self.dense_cfg, self.dense_diffusion_steps, self.dense_sampler,
-                             self.temperature)
+                             self.dense_spacing, self.temperature)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class PhaseSampling:
     cfg_scale: float  # classifier-free guidance, reached at the phase's last step
     diffusion_steps: tuple  # the head's denoising steps at the phase's (first, last) generation step
     sampler: str  # "ddpm" or "ddim"
+    spacing: str  # "uniform" or "quadratic"
     temperature: float  # scales the noise of the DDPM sampler
 
 
@@ -384,29 +388,36 @@ class Diffusion(nn.Module):
         noise = torch.randn_like(x0)
         return (denoiser(self.q_sample(x0, t, noise), t, z).float() - noise.float()).pow(2).mean(dim=-1)
 
-    def timesteps(self, steps):
-        """`steps` timesteps evenly spaced from T-1 down to 0; the last step denoises from the smallest noise level."""
+    def timesteps(self, steps, spacing="uniform"):
+        """`steps` timesteps from T-1 down to 0; the last step denoises from the smallest noise level. "uniform":
+        evenly spaced. "quadratic": t_k = (T-1) (k / (steps-1))^2, so most steps fall at low noise, where a token's
+        fine detail is decided (DDIM's spacing for CIFAR-10, Song et al. 2021); where two would round to the same t,
+        one is kept, so more than about sqrt(2T) steps give fewer distinct ones."""
         if steps == 1:
             return [self.num_steps - 1]
-        return [round(i * (self.num_steps - 1) / (steps - 1)) for i in reversed(range(steps))]
+        fractions = [k / (steps - 1) for k in reversed(range(steps))]
+        if spacing == "quadratic":
+            fractions = [f * f for f in fractions]
+        return sorted({round(f * (self.num_steps - 1)) for f in fractions}, reverse=True)
 
     @torch.no_grad()
-    def sample(self, eps_fn, noise, steps, sampler="ddpm", temperature=1.0, generator=None, known=None, keep=None):
-        """Reverse diffusion from `noise` [M, L, D] in `steps` respaced steps; eps_fn(x_t, t) predicts the noise
-        (classifier-free guidance is applied inside it). sampler "ddpm": ancestral, its noise scaled by
-        `temperature`; "ddim": deterministic (eta = 0).
+    def sample(self, eps_fn, noise, steps, sampler="ddpm", temperature=1.0, generator=None, known=None, keep=None,
+               spacing="uniform"):
+        """Reverse diffusion from `noise` [M, L, D] in `steps` respaced steps (placed by `spacing`, see timesteps);
+        eps_fn(x_t, t) predicts the noise (classifier-free guidance is applied inside it). sampler "ddpm":
+        ancestral, its noise scaled by `temperature`; "ddim": deterministic (eta = 0).
         Inpainting by replacement: where keep [M, L] is True, the tokens `known` [M, L, D] are given. Before every
         denoising step they are noised to that step's level (with the starting noise) and written over x, so the
         denoiser sees them at the right noise level and the rest is sampled to agree with them; they come out
         exactly as given."""
         x = noise
-        timesteps = self.timesteps(steps)
+        timesteps = self.timesteps(steps, spacing)
         for i, t in enumerate(timesteps):
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
             if known is not None:
                 x = torch.where(keep[..., None], self.q_sample(known, t_batch, noise), x)
             abar = self.alpha_bar_values[t]
-            abar_prev = self.alpha_bar_values[timesteps[i + 1]] if i + 1 < steps else 1.0
+            abar_prev = self.alpha_bar_values[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
             eps = eps_fn(x, t_batch)
             x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)  # tokens are pixels in [-1, 1]
             if sampler == "ddim":  # x_{t-1} = sqrt(abar') x0 + sqrt(1 - abar') eps, eps re-derived from the clamped x0
@@ -416,7 +427,7 @@ class Diffusion(nn.Module):
             # DDPM: the posterior q(x_{t-1} | x_t, x0) of the respaced step, its mean and variance
             beta = 1 - abar / abar_prev
             x = (math.sqrt(abar_prev) * beta * x0 + math.sqrt(1 - beta) * (1 - abar_prev) * x) / (1 - abar)
-            if i + 1 < steps:
+            if i + 1 < len(timesteps):
                 std = math.sqrt(beta * (1 - abar_prev) / (1 - abar))
                 x = x + temperature * std * torch.randn(x.shape, device=x.device, generator=generator)
         return x if known is None else torch.where(keep[..., None], known, x)
@@ -543,6 +554,7 @@ class Denoising(NamedTuple):
     """How a head runs its reverse diffusion at one generation step (Diffusion.sample)."""
     steps: int  # denoising steps (respaced from the T of training)
     sampler: str  # "ddpm" or "ddim"
+    spacing: str  # "uniform" or "quadratic" (Diffusion.timesteps)
     temperature: float  # scales the noise of the DDPM sampler
 
 
@@ -595,7 +607,7 @@ class DiffusionHead(nn.Module):
         shape = (z.shape[0], length or z.shape[1], self.output.out_features)
         noise = torch.randn(shape, device=z.device, generator=generator)
         return self.diffusion.sample(eps_fn, noise, denoising.steps, denoising.sampler, denoising.temperature,
-                                     generator, known, keep)
+                                     generator, known, keep, denoising.spacing)
 
 
 class MLPHead(DiffusionHead):
@@ -845,7 +857,7 @@ class HiMAR(nn.Module):
         z_revealed = torch.zeros(B, n, cfg.width, device=device)
         orders = known_last(random_orders(B, n, device, generator), keep)
         schedule = reveal_counts(mask.sum(dim=1), settings.steps)  # [K, B]: per image, the masked count after a step
-        denoising = [Denoising(steps, settings.sampler, settings.temperature)  # per generation step (annealed steps)
+        denoising = [Denoising(steps, settings.sampler, settings.spacing, settings.temperature)  # per generation step
                      for steps in diffusion_schedule(settings.diffusion_steps, len(schedule))]
         guided = settings.cfg_scale != 1.0 and forced is None  # with forced values, no head samples: nothing to guide
         # CFG: a second branch with the null class, sharing the tokens (and pivots) of the first
@@ -998,6 +1010,7 @@ def check_sampling(s):
         (("pivot_cfg", "dense_cfg"), "a finite number >= 0", lambda v: is_finite(v) and v >= 0),
         (("temperature",), "a finite number > 0", lambda v: is_finite(v) and v > 0),
         (("pivot_sampler", "dense_sampler"), f"one of the samplers {SAMPLERS}", lambda v: v in SAMPLERS),
+        (("pivot_spacing", "dense_spacing"), f"one of the spacings {SPACINGS}", lambda v: v in SPACINGS),
     ])
     if min(s.pivot_diffusion_steps + s.dense_diffusion_steps) < 1:
         raise ValueError("Sampling: diffusion steps must be at least 1")

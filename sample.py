@@ -133,6 +133,8 @@ def parse_args(argv=None):
                    help="denoising steps of the DiT head: N, or FIRST LAST to anneal them over phase 2")
     p.add_argument("--pivot-sampler", choices=himar.SAMPLERS, help="reverse diffusion of the MLP head")
     p.add_argument("--dense-sampler", choices=himar.SAMPLERS, help="reverse diffusion of the DiT head")
+    p.add_argument("--pivot-spacing", choices=himar.SPACINGS, help="where the MLP head's denoising steps fall in t")
+    p.add_argument("--dense-spacing", choices=himar.SPACINGS, help="where the DiT head's denoising steps fall in t")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)

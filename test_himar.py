@@ -395,18 +395,57 @@ def test_mlp_head_loss_counts_only_the_masked_tokens():
     assert head.loss(torch.where(mask[..., None], tokens, tokens + 3.0), z, mask) == base
 
 
-def test_ddim_with_few_steps_narrows_the_distribution_like_a_lower_temperature():
-    # Gaussian tokens of std 0.3 and the exact noise prediction: 25 DDIM steps give about 0.91 of the true spread
-    # (the README's table of differences), 200 steps almost all of it
-    diffusion, std = himar.Diffusion(1000), 0.3
+def ddim_spread(std, steps, spacing="uniform"):
+    """Gaussian tokens of standard deviation `std`, sampled by DDIM with the exact noise prediction: the spread of
+    the samples as a fraction of std (1: the sampler keeps the distribution's width)."""
+    diffusion = himar.Diffusion(1000)
 
     def exact_eps(x, t):
         abar = diffusion.alpha_bar[t[0]].item()
         return math.sqrt(1 - abar) * x / (abar * std**2 + 1 - abar)
 
     noise = torch.randn(20000, 1, 1, generator=torch.Generator().manual_seed(0))
-    spread = {steps: diffusion.sample(exact_eps, noise, steps, "ddim").std().item() / std for steps in (25, 200)}
-    assert 0.86 < spread[25] < 0.95 and spread[200] > 0.97
+    return diffusion.sample(exact_eps, noise, steps, "ddim", spacing=spacing).std().item() / std
+
+
+def test_ddim_with_few_steps_narrows_the_distribution_like_a_lower_temperature():
+    # Gaussian tokens of std 0.3: 25 DDIM steps give about 0.91 of the true spread (the README's table of
+    # differences), 200 steps almost all of it
+    assert 0.86 < ddim_spread(0.3, 25) < 0.95 and ddim_spread(0.3, 200) > 0.97
+
+
+def test_quadratic_spacing_keeps_the_fine_detail_that_25_evenly_spaced_ddim_steps_lose():
+    # Fine detail: Gaussian tokens of std 0.1. Such a token is decided at low noise (abar_t ~ 0.99, t < 100 of 1000),
+    # where 25 evenly spaced steps put three steps; the quadratic spacing puts eight there and keeps most of the
+    # spread (README, differences from the reference)
+    spread = {spacing: ddim_spread(0.1, 25, spacing) for spacing in himar.SPACINGS}
+    assert spread["uniform"] < 0.82 and spread["quadratic"] > 0.88
+    diffusion = himar.Diffusion(1000)
+    low_noise = {spacing: sum(t < 100 for t in diffusion.timesteps(25, spacing)) for spacing in himar.SPACINGS}
+    assert low_noise == {"uniform": 3, "quadratic": 8}
+
+
+def test_each_phase_samples_with_its_own_spacing():
+    model = tiny()
+    asked, timesteps = [], model.pivot_head.diffusion.timesteps
+
+    def spy(steps, spacing="uniform"):
+        asked.append(spacing)
+        return timesteps(steps, spacing)
+
+    model.pivot_head.diffusion.timesteps = spy  # the one Diffusion both heads share
+    model.sample([0, 1], pivot_steps=3, dense_steps=2, pivot_spacing="quadratic", seed=0)
+    assert asked == ["quadratic"] * 3 + ["uniform"] * 2
+
+
+def test_quadratic_spacing_is_denser_at_low_noise_and_never_repeats_a_step():
+    diffusion = himar.Diffusion(1000)
+    for steps in (2, 7, 25, 45, 200, 1000):
+        ts = diffusion.timesteps(steps, "quadratic")
+        assert ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))  # strictly falling
+        assert len(ts) == steps if steps <= 45 else len(ts) < steps  # past ~sqrt(2T), neighbours near 0 coincide
+    gaps = [a - b for a, b in zip(diffusion.timesteps(25, "quadratic"), diffusion.timesteps(25, "quadratic")[1:])]
+    assert gaps == sorted(gaps, reverse=True)  # the steps shorten towards t = 0
 
 
 def test_sampler_timesteps_run_from_the_noisiest_level_down_to_zero():
@@ -420,9 +459,11 @@ def test_sampler_timesteps_run_from_the_noisiest_level_down_to_zero():
         return torch.zeros_like(x)
 
     for sampler in himar.SAMPLERS:
-        seen.clear()
-        diffusion.sample(eps, torch.randn(2, 4, 3), steps=7, sampler=sampler)
-        assert seen == diffusion.timesteps(7) and seen[-1] == 0
+        for spacing in himar.SPACINGS:
+            seen.clear()
+            diffusion.sample(eps, torch.randn(2, 4, 3), steps=7, sampler=sampler, spacing=spacing)
+            assert seen == diffusion.timesteps(7, spacing) and seen[-1] == 0
+    assert diffusion.timesteps(7, "quadratic") != diffusion.timesteps(7)
 
 
 @pytest.mark.parametrize("sampler", himar.SAMPLERS)
@@ -451,7 +492,8 @@ def test_dit_head_keeps_the_revealed_tokens_and_fills_the_masked_ones():
     reveal = mask & torch.tensor([True, False, False, False, True, False, False, False])
     seen = []
     head.register_forward_hook(lambda module, args, out: seen.append(args[0][:, ~mask[0]].clone()))
-    out = head.sample(tokens, mask, reveal, torch.randn(2, 8, 16), None, 1.0, himar.Denoising(5, "ddim", 1.0), None)
+    denoising = himar.Denoising(5, "ddim", "uniform", 1.0)
+    out = head.sample(tokens, mask, reveal, torch.randn(2, 8, 16), None, 1.0, denoising, None)
     assert torch.equal(out[~mask], tokens[~mask]) and differ(out[mask], tokens[mask]) > 0.1
     # the revealed tokens were shown to the head at each denoising step, noised less and less
     gaps = [(x - tokens[:, ~mask[0]]).abs().mean().item() for x in seen]
@@ -492,6 +534,8 @@ def test_a_learned_diffusion_position_embedding_is_added_to_z():
 def test_sampling_settings_are_checked_in_one_place():
     with pytest.raises(ValueError, match="samplers"):
         himar.Sampling(dense_sampler="euler")
+    with pytest.raises(ValueError, match="pivot_spacing.*spacings"):
+        himar.Sampling(pivot_spacing="log")
     with pytest.raises(ValueError, match="temperature"):
         himar.Sampling(temperature=0)
     with pytest.raises(ValueError, match="number of tokens"):
@@ -645,7 +689,8 @@ def test_pivot_context_uses_conditions_where_predicted_and_the_placeholder_elsew
 def test_cfg_scale_one_equals_the_unguided_path():
     head = in_range(randomize(small_head("dit"), std=0.1), bound=0.25)  # so that guidance cannot hide in a clamp
     z, z_null = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
-    run = lambda z_null, scale: head.denoise(z, z_null, scale, himar.Denoising(10, "ddpm", 1.0), torch.Generator().manual_seed(3))
+    denoising = himar.Denoising(10, "ddpm", "uniform", 1.0)
+    run = lambda z_null, scale: head.denoise(z, z_null, scale, denoising, torch.Generator().manual_seed(3))
     unguided = run(None, 1.0)
     assert torch.allclose(run(z_null, 1.0), unguided, atol=1e-5)
     guided = run(z_null, 3.0)

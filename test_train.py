@@ -727,6 +727,23 @@ def tiny_checkpoint(tmp_path):
     return str(path)
 
 
+def test_sampler_convergence_measures_each_setting_against_the_first(tiny_checkpoint, tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+    import sampler_convergence
+
+    for phase in ("pivot", "dense"):
+        rows = sampler_convergence.main(["--ckpt", tiny_checkpoint, "--phase", phase, "--images", "3", "--out",
+                                         str(tmp_path / "rows.jsonl"), "--settings", "ddim:uniform:40",
+                                         "ddim:uniform:40", "ddim:quadratic:6", "dpm2m:quadratic:6"])
+        # DDIM is deterministic: the same setting gives the same images, another setting others
+        assert [r["from_reference"] for r in rows[:2]] == [0, 0]
+        assert all(r["from_reference"] > 0 for r in rows[2:]) and rows[2]["from_reference"] != rows[3]["from_reference"]
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 8
+    for bad in ("ddim:uniform", "ddim:log:5", "euler:uniform:5", "ddim:uniform:0"):
+        with pytest.raises(SystemExit, match="SAMPLER:SPACING:STEPS|the sampler is one of"):
+            sampler_convergence.main(["--ckpt", tiny_checkpoint, "--phase", "dense", "--settings", bad])
+
+
 def write_picture(path, size=32):
     pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)

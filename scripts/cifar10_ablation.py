@@ -83,8 +83,8 @@ class DiT(nn.Module):
         was_training = self.training
         self.eval()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            tokens = self.net.denoise(z, z_null, s.cfg_scale, himar.Denoising(s.diffusion_steps[0], s.sampler, s.temperature),
-                                      generator, length=cfg.num_dense)
+            denoising = himar.Denoising(s.diffusion_steps[0], s.sampler, s.spacing, s.temperature)
+            tokens = self.net.denoise(z, z_null, s.cfg_scale, denoising, generator, length=cfg.num_dense)
         self.train(was_training)
         return himar.unpatchify(tokens, cfg.patch_size, cfg.channels).clamp(-1, 1)
 
