@@ -278,7 +278,8 @@ def run(args):
           f"{cfg.image_size}x{cfg.image_size}, on {device}")
     print(f"sampling: K1 = {sampling.pivot_steps} pivot steps, K2 = {sampling.dense_steps} dense steps, CFG "
           f"{sampling.pivot_cfg:g} / {sampling.dense_cfg:g}, denoising steps {sampling.pivot_sampler} "
-          f"{sampling.pivot_diffusion_steps} / {sampling.dense_sampler} {sampling.dense_diffusion_steps}")
+          f"{sampling.pivot_spacing} {sampling.pivot_diffusion_steps} / {sampling.dense_sampler} "
+          f"{sampling.dense_spacing} {sampling.dense_diffusion_steps}")
 
     if args.edit and (args.grid or args.trajectory):
         S = cfg.image_size
