@@ -63,6 +63,20 @@ def test_train_then_sample_end_to_end(image_folder, tmp_path):
     assert Image.open(gif).n_frames == cfg.sampling.pivot_steps + cfg.sampling.dense_steps
 
 
+def test_sample_npz_compiles_the_heads_where_asked_and_by_default_on_a_gpu_only(tmp_path, monkeypatch):
+    path = tmp_path / "tiny.pt"
+    checkpoints.save_checkpoint(path, himar.to_checkpoint(himar.preset("tiny"), ema=himar.HiMAR(himar.preset("tiny")).state_dict()))
+    compiled = []
+    monkeypatch.setattr(sample, "compile_heads", compiled.append)
+    common = ["--ckpt", str(path), "--device", "cpu", "--grid", "", "--trajectory", "", "--num-images", "3",
+              "--pivot-diffusion-steps", "2", "--dense-diffusion-steps", "2"]
+    sample.main(common + ["--npz", str(tmp_path / "a.npz")])  # a CPU: eager
+    assert compiled == []
+    sample.main(common + ["--npz", str(tmp_path / "b.npz"), "--compile"])
+    assert len(compiled) == 1 and isinstance(compiled[0], himar.HiMAR)
+    assert np.load(tmp_path / "b.npz")["arr_0"].shape == (3, 32, 32, 3)
+
+
 def test_keep_at_keeps_the_checkpoints_of_those_steps(image_folder, tmp_path):
     out = tmp_path / "run"
     train.main(train_args(image_folder, out, 5, "--keep-at", "2", "4", "--ckpt-every", "100", "--log-every", "100"))

@@ -42,8 +42,8 @@ except ImportError:
 # micro_batch: images per forward/backward pass on a GPU (None: the whole batch); imagenet64's 512 do not fit at once.
 RECIPES = {
     "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99, micro_batch=None),
-    # cifar10: about 20 minutes on one H100
-    "cifar10": dict(steps=14900, batch_size=256, lr=6e-4, warmup=500, ema_decay=0.999, micro_batch=None),
+    # cifar10: about 20 minutes on one H100 (19.4 minutes of training on a fresh one, REPORT.md)
+    "cifar10": dict(steps=17200, batch_size=256, lr=6e-4, warmup=500, ema_decay=0.999, micro_batch=None),
     # imagenet64: about a day on one H100 (892 images/s measured, REPORT.md): 150,000 x 512 = 60 epochs
     "imagenet64": dict(steps=150000, batch_size=512, lr=4e-4, warmup=5000, ema_decay=0.9999, micro_batch=128),
 }
@@ -703,7 +703,7 @@ def parse_args(argv=None):
                    help="replay the compiled forward and backward as CUDA graphs (torch.compile's 'reduce-overhead' "
                         "mode), with less time spent launching kernels (default: on where it is measured to work, a "
                         "GPU with --compile and one forward pass a step; cifar10 on one H100: 14,900 steps in 19.3 "
-                        "instead of 21.0 min; on 2 H100s: 3,426 instead of 2,535 images/s; see REPORT.md)")
+                        "instead of 21.0 min (f79fc51); on 2 H100s: 3,426 instead of 2,535 images/s; see REPORT.md)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=2000)
     p.add_argument("--ckpt-every", type=int, default=1000)

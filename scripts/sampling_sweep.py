@@ -40,6 +40,7 @@ import checkpoints  # noqa: E402
 import pictures  # noqa: E402
 import himar  # noqa: E402
 from data import CifarUnpickler  # noqa: E402
+from sample import compile_heads  # noqa: E402
 
 
 def test_images(data_dir, n):
@@ -82,15 +83,6 @@ def generate(model, labels, pivots=None, *, seed, setting):
         return model.sample(labels, seed=seed, **setting)
     _, frames = model.sample(labels, seed=seed, trajectory=True, **setting)
     return enlarge([f["image"] for f in frames if f["phase"] == "pivot"][-1])  # phase 1's last frame: every pivot
-
-
-def compile_heads(model):
-    """torch.compile the two diffusion heads, where sampling spends its time (the MLP head's denoising steps at every
-    pivot step, the DiT head's over the whole map). On an H200, 10,000 images with the default settings in 27 s
-    instead of 48 s, the same scores (REPORT.md, "Where a step's time goes")."""
-    for module in model.modules():
-        if isinstance(module, himar.DiffusionHead):
-            module.compile()
 
 
 def warmup_images(batch_size, compiled):
