@@ -585,6 +585,19 @@ def test_a_checkpoint_with_the_mask_token_as_it_was_loads_it_as_a_vector(tmp_pat
     assert torch.equal(loaded.mask_token.detach(), state["mask_token"].reshape(-1))
 
 
+def test_a_checkpoint_written_before_the_spacings_samples_as_it_did_with_even_steps(tmp_path):
+    cfg = preset("tiny", pivot_spacing="quadratic")
+    checkpoint = himar.to_checkpoint(cfg, ema=tiny().state_dict())
+    checkpoints.save_checkpoint(tmp_path / "now.pt", checkpoint)
+    assert checkpoints.load_model(tmp_path / "now.pt").cfg.sampling.pivot_spacing == "quadratic"  # as saved
+    for name in ("pivot_spacing", "dense_spacing"):
+        del checkpoint["config"]["sampling"][name]  # as written before the fields existed
+    checkpoints.save_checkpoint(tmp_path / "old.pt", checkpoint)
+    sampling = checkpoints.load_model(tmp_path / "old.pt").cfg.sampling
+    assert (sampling.pivot_spacing, sampling.dense_spacing) == ("uniform", "uniform")
+    assert himar.Sampling().pivot_spacing == "quadratic"  # not the class default, which changed
+
+
 def test_a_checkpoint_of_the_first_layout_is_refused_with_what_to_do(tmp_path):
     config = {k: v for k, v in asdict(preset("tiny")).items() if k not in ("sampling", "num_heads")}
     config.update(heads=2, pivot_steps=4)  # the first layout: `heads`, sampling fields loose in the config

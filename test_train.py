@@ -65,7 +65,8 @@ def test_train_then_sample_end_to_end(image_folder, tmp_path):
 
 def test_sample_npz_compiles_the_heads_where_asked_and_by_default_on_a_gpu_only(tmp_path, monkeypatch):
     path = tmp_path / "tiny.pt"
-    checkpoints.save_checkpoint(path, himar.to_checkpoint(himar.preset("tiny"), ema=himar.HiMAR(himar.preset("tiny")).state_dict()))
+    cfg = himar.preset("tiny")
+    checkpoints.save_checkpoint(path, himar.to_checkpoint(cfg, ema=himar.HiMAR(cfg).state_dict()))
     compiled = []
     monkeypatch.setattr(sample, "compile_heads", compiled.append)
     common = ["--ckpt", str(path), "--device", "cpu", "--grid", "", "--trajectory", "", "--num-images", "3",
