@@ -339,7 +339,8 @@ class Run:
 
     def finish(self):
         if self.main and self.train_seconds > 0:
-            print(f"trained {self.done - self.start_step} steps in {self.train_seconds / 60:.1f} min: "
+            took = f"{self.train_seconds / 60:.1f} min" if self.train_seconds >= 60 else f"{self.train_seconds:.1f} s"
+            print(f"trained {self.done - self.start_step} steps in {took}: "
                   f"{(self.done - self.start_step) * self.args.batch_size / self.train_seconds:.0f} images/s "
                   "(scripts/benchmark.py: FLOPs and TFLOP/s)")
         if self.world_size > 1:  # every rank at the end before any tears its connections down (gloo can abort else)
