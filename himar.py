@@ -62,7 +62,7 @@ class Sampling:
     pivot_sampler: str = "ddim"  # "ddpm" (ancestral) or "ddim" (deterministic, eta 0); see REPORT.md for the choice
     dense_sampler: str = "ddim"
     # where each head's denoising steps fall in t: "uniform" (evenly) or "quadratic" (denser at low noise). 100
-    # quadratic MLP-head steps scored as 200 even ones in 84% of the time; in the DiT head, even (REPORT.md)
+    # quadratic MLP-head steps scored as 200 even ones in 84% of the time; the DiT head's stay even (REPORT.md)
     pivot_spacing: str = "quadratic"
     dense_spacing: str = "uniform"
 
