@@ -120,22 +120,14 @@ def load_checkpoint(path, device="cpu"):
     return checkpoint
 
 
-# Sampling fields added after checkpoints had been written, with how those checkpoints sampled (the class defaults
-# have changed since: the MLP head's steps are quadratically spaced by default)
-SAMPLING_BEFORE_ITS_FIELDS = {"pivot_spacing": "uniform", "dense_spacing": "uniform"}
-
-
 def config_from_checkpoint(checkpoint):
     """The Config a checkpoint was trained with (its sampling defaults included), or a clear CheckpointError."""
     known = {f.name for f in fields(himar.Config)}
     unknown = set(checkpoint["config"]) - known
     if unknown:
         raise CheckpointError(f"the checkpoint's config has fields this version does not know: {sorted(unknown)}")
-    config = dict(checkpoint["config"])
-    if isinstance(config["sampling"], dict):
-        config["sampling"] = {**SAMPLING_BEFORE_ITS_FIELDS, **config["sampling"]}
     try:
-        return himar.Config(**config)
+        return himar.Config(**checkpoint["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"the checkpoint's config is not valid: {e}") from None
 
@@ -167,8 +159,7 @@ def load_model(path, device="cpu", key="ema"):
     if key not in checkpoint:
         raise CheckpointError(f"the checkpoint has no {key!r} weights (it has: {', '.join(checkpoint)})")
     try:
-        # cfg, with what an older checkpoint's config lacks filled in (config_from_checkpoint)
-        model = himar.from_checkpoint(dict(checkpoint, config=asdict(cfg)), key).to(device)
+        model = himar.from_checkpoint(checkpoint, key).to(device)
     except (RuntimeError, MemoryError) as e:
         if is_out_of_memory(e):
             raise CheckpointError(f"the model that {path}'s config describes (width {cfg.width}, depth {cfg.depth}) "

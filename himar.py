@@ -142,8 +142,9 @@ class Config:
     sampling: Sampling = field(default_factory=Sampling)
 
     def __post_init__(self):
-        if isinstance(self.sampling, dict):  # as read back from a checkpoint
-            self.sampling = Sampling(**self.sampling)
+        if isinstance(self.sampling, dict):  # as read back from a checkpoint; those written before the spacing
+            # fields existed sampled with evenly spaced steps, which the defaults no longer are
+            self.sampling = Sampling(**{"pivot_spacing": "uniform", "dense_spacing": "uniform", **self.sampling})
         check_config(self)  # (section 9)
 
     def sampling_with(self, sampling=None, **changes):

@@ -573,7 +573,7 @@ def test_the_shipped_checkpoint_samples_the_images_it_sampled_when_it_was_shippe
 
 
 def test_a_checkpoint_with_the_mask_token_as_it_was_loads_it_as_a_vector(tmp_path):
-    # checkpoints written before the mask token became a vector [W] (the model shipped until 2026-12-07, too)
+    # checkpoints written before the mask token became a vector [W] (the previously shipped model's too)
     # hold it as [1, 1, W]
     model = tiny()
     state = {k: v.clone() for k, v in model.state_dict().items()}

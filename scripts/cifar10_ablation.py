@@ -39,7 +39,8 @@ import checkpoints  # noqa: E402
 import pictures  # noqa: E402
 import himar  # noqa: E402
 import train  # noqa: E402
-from sampling_sweep import compile_heads, sample_and_score, warmup_images  # noqa: E402
+from sample import compile_heads  # noqa: E402
+from sampling_sweep import sample_and_score, warmup_images  # noqa: E402
 
 
 class DiT(nn.Module):
