@@ -353,7 +353,8 @@ def diffusion_schedule(diffusion_steps, steps):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Diffusion: the process both heads use (a cosine schedule, noise prediction, DDPM or DDIM sampling)
+# 4. Diffusion: the process both heads use (a cosine schedule, noise prediction, DDPM or DDIM sampling on
+#    evenly or quadratically spaced steps)
 # ----------------------------------------------------------------------------------------------------
 
 
