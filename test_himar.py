@@ -833,7 +833,8 @@ def edit_masks():
     return keep
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(pivots="none", dense_head="mlp")], ids=["himar", "mar"])
+@pytest.mark.parametrize("variant", [dict(), dict(dense_full_mask=1.0), dict(pivots="none", dense_head="mlp")],
+                         ids=["himar", "himar_fully_hidden", "mar"])
 def test_editing_keeps_the_known_pixels_exactly_and_generates_the_rest(variant):
     model = unclamped(randomize(tiny(**variant)))
     x, keep = images(3), edit_masks()
@@ -852,6 +853,27 @@ def test_editing_keeps_the_known_pixels_exactly_and_generates_the_rest(variant):
     unknown = ~himar.whole_patches(keep, model.cfg.patch_size)  # [3, Nd]
     assert len(dense) == model.cfg.sampling.dense_steps and torch.equal(dense[0] & ~unknown, torch.zeros_like(unknown))
     assert not dense[-1].any()
+
+
+@pytest.mark.parametrize("full", [0.5, 1.0])
+def test_phase_two_shows_the_transformer_given_dense_tokens_only_if_it_was_trained_to_see_some(full, monkeypatch):
+    # a model trained only on the fully hidden dense map (dense_full_mask = 1) is shown none while editing either: the
+    # given tokens reach phase 2 through the head's replacement; one trained on partly hidden maps sees them
+    model = tiny(dense_full_mask=full)
+    shown, transformer = [], model.transformer
+
+    def spy(phase, labels, tokens, mask, *rest):
+        if phase == DENSE:
+            shown.append(mask.clone())
+        return transformer(phase, labels, tokens, mask, *rest)
+
+    monkeypatch.setattr(model, "transformer", spy)
+    keep = edit_masks()
+    model.sample([1, 2, 3], seed=0, known_images=images(3), known_mask=keep, dense_steps=2)
+    given = himar.whole_patches(keep, model.cfg.patch_size)  # [3, Nd], True = given
+    assert len(shown) == 2 and given.any()
+    first = shown[0][:3]  # the conditional branch of the first dense step
+    assert torch.equal(first, torch.ones_like(first)) if full == 1 else torch.equal(first, ~given)
 
 
 def test_editing_with_every_pixel_known_returns_the_input_without_running_the_model():

@@ -93,14 +93,17 @@ class DiT(nn.Module):
 # name -> (label, --set changes to the cifar10 preset). The MLP heads draw each token on its own, so their dense
 # phase reveals the 256 tokens in 64 steps (as MAR does), with as many denoising steps as the pivots' MLP head (an
 # MLP head needs many: REPORT.md, first section); the DiT head draws the whole dense map in one step (the cifar10
-# default). The DiT baseline is wider and twice as deep as the masked models' transformer (32.8M parameters).
-MLP_DENSE = ["dense_head=mlp", "dense_steps=64", "dense_diffusion_steps=200"]
+# default). Every masked row trains phase 2 on the reference's cosine mask ratio, as the paper's chain did (the
+# cifar10 preset's fully hidden map came after the study's first rows). The DiT baseline is wider and twice as deep
+# as the masked models' transformer (32.8M parameters).
+REFERENCE_MASKS = ["dense_full_mask=0"]
+MLP_DENSE = [*REFERENCE_MASKS, "dense_head=mlp", "dense_steps=64", "dense_diffusion_steps=200"]
 VARIANTS = {
     "mar": ("1. MAR: no pivots, MLP head", ["pivots=none", *MLP_DENSE]),
     "visual": ("2. visual pivots, MLP heads", ["pivots=visual", "scale_vector=false", *MLP_DENSE]),
     "conditional": ("3. conditional pivots, MLP heads", ["scale_vector=false", *MLP_DENSE]),
-    "conditional_dit": ("4. conditional pivots, DiT head", ["scale_vector=false"]),
-    "himar": ("5. Hi-MAR: 4 + scale vector", []),
+    "conditional_dit": ("4. conditional pivots, DiT head", [*REFERENCE_MASKS, "scale_vector=false"]),
+    "himar": ("5. Hi-MAR: 4 + scale vector", REFERENCE_MASKS),
     "dit": ("plain DiT (baseline)", ["width=384", "depth=12", "num_heads=6"]),
 }
 EQUAL_STEPS = 7800  # the cifar10 recipe's Hi-MAR on one H100: 3,280 to 3,343 images/s (REPORT.md) x 600 s / 256
