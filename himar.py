@@ -130,7 +130,8 @@ class Config:
     pivot_dropout_start: float = 1.0  # probability that phase 2 sees no pivots, lowered linearly ...
     pivot_dropout_end: float = 0.1  # (the reference: 0.75 or 0.5 over 800 epochs; a short run needs its pivots)
     pivot_dropout_warmup: float = 0.125  # ... over this fraction of the run (the reference: 100 of 800 epochs)
-    dense_full_mask: float = 0.0  # probability that a step trains phase 2 with every dense token hidden (REPORT.md)
+    dense_full_mask: float = 0.0  # probability that a step trains phase 2 with every dense token hidden (REPORT.md);
+    # at 1 the transformer never sees a dense token, and is shown none while generating (HiMAR.shown_mask)
     pivot_loss_weight: float = 2.0
     dense_loss_weight: float = 0.75
     diffusion_steps: int = 1000
