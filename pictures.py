@@ -26,6 +26,15 @@ def to_uint8(images):
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def neighbour_difference(images):
+    """How grainy images [B, C, H, W] in [-1, 1] are: the mean |difference| between horizontally and vertically
+    adjacent pixels, the two directions averaged (notebook 5 and scripts/sampler_convergence.py compare samples
+    with real images by it)."""
+    across = (images[..., 1:] - images[..., :-1]).abs().mean()
+    down = (images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+    return 0.5 * float(across + down)
+
+
 def save_grid(images, ncol, path, pad=2, row_names=None):
     """Save images [N, C, H, W] in [-1, 1] as one PNG, ncol images per row, with white gaps; written whole (see
     `written`), and not at all if an image holds NaN or inf (NonFiniteImages). row_names (one per row): each row's

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoints  # noqa: E402
 import himar  # noqa: E402
+from pictures import neighbour_difference  # noqa: E402
 from sampling_sweep import test_images  # noqa: E402
 
 
@@ -51,12 +52,6 @@ class DPMSolver2M(himar.Diffusion):
             d = x0 if previous is None else x0 + (x0 - previous[0]) * h / (2 * previous[1])
             x = math.sqrt((1 - abar_next) / (1 - abar)) * x - math.sqrt(abar_next) * math.expm1(-h) * d
             previous = (x0, h)
-
-
-def neighbour_difference(images):
-    """Mean absolute difference between horizontally and vertically adjacent pixels of images [B, C, H, W]."""
-    return 0.5 * ((images[..., 1:, :] - images[..., :-1, :]).abs().mean()
-                  + (images[..., 1:] - images[..., :-1]).abs().mean()).item()
 
 
 def parse_setting(text):
