@@ -847,6 +847,16 @@ class HiMAR(nn.Module):
 
     # --- sampling -----------------------------------------------------------------------------------
 
+    def shown_mask(self, phase, mask):
+        """The mask [B, n] under which the transformer sees a phase's tokens while generating: the phase's own
+        (True = not yet revealed), except in phase 2 of a model trained only on the fully hidden dense map
+        (cfg.dense_full_mask = 1). That transformer never saw a dense token, so it is shown none here either: the
+        dense tokens given (editing) or revealed enter phase 2 only through its head, which keeps them by replacement.
+        Shown the given half of an image instead, its edits lost their class far more often (REPORT.md)."""
+        if phase == DENSE and self.cfg.dense_full_mask == 1:
+            return torch.ones_like(mask)
+        return mask
+
     def unmask(self, phase, labels, known, keep, settings, generator, pivot_context=None, forced=None, frames=None):
         """One phase of generation: reveal the phase's tokens in settings.steps steps (a PhaseSampling), in a random
         order, following the cosine schedule. The tokens `known` [B, N, D] where keep [B, N] is True are given (editing;
@@ -894,16 +904,6 @@ class HiMAR(nn.Module):
                                "image": unpatchify(tokens, cfg.patch_size, cfg.channels).clamp(-1, 1).cpu(),
                                "mask": mask.view(B, side, side).cpu(), "revealed": reveal.view(B, side, side).cpu()})
         return tokens, z_revealed
-
-    def shown_mask(self, phase, mask):
-        """The mask [B, n] under which the transformer sees a phase's tokens while generating: the phase's own
-        (True = not yet revealed), except in phase 2 of a model trained only on the fully hidden dense map
-        (cfg.dense_full_mask = 1). That transformer never saw a dense token, so it is shown none here either: the
-        dense tokens given (editing) or revealed enter phase 2 only through its head, which keeps them by replacement.
-        Shown the given half of an image instead, its edits lost their class far more often (REPORT.md)."""
-        if phase == DENSE and self.cfg.dense_full_mask == 1:
-            return torch.ones_like(mask)
-        return mask
 
     @torch.no_grad()
     def sample(self, labels, sampling=None, seed=None, drop_pivots=False, trajectory=False, known_images=None,
