@@ -115,8 +115,8 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or not {"model", "ema"} & set(checkpoint):
         raise CheckpointError(f"{path} is not a Hi-MAR checkpoint (it has no config and model weights)")
     if "sampling" not in checkpoint["config"]:  # the first layout: sampling fields loose in the config, `heads`, ...
-        raise CheckpointError(f"{path} was written by the first version of himar, whose layout this one no longer reads: "
-                              "sample it with that version (git checkout f5f94d6), or train anew")
+        raise CheckpointError(f"{path} was written by the first version of himar, whose layout this one no longer "
+                              "reads: sample it with that version (git checkout f5f94d6), or train anew")
     return checkpoint
 
 
@@ -167,5 +167,6 @@ def load_model(path, device="cpu", key="ema"):
         raise CheckpointError(f"{path}'s {key!r} weights do not fit its own config: {str(e).splitlines()[0]}") from None
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise CheckpointError(f"{path} holds weights that are NaN or inf: it cannot generate images. Use an earlier "
-                              "checkpoint of the run (train.py never saves such weights; this file was not written by it)")
+                              "checkpoint of the run (train.py never saves such weights; this file was not written "
+                              "by it)")
     return model

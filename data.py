@@ -55,7 +55,8 @@ def _reading(path, hint):
         raise DataError(f"Could not read {path}: it asks for more memory than this machine has ({e}), so it is likely "
                         f"corrupt (its header claims more data than the file holds). {hint}") from e
     except Exception as e:
-        raise DataError(f"Could not read {path}: it looks corrupt or truncated ({type(e).__name__}: {e}). {hint}") from e
+        raise DataError(f"Could not read {path}: it looks corrupt or truncated ({type(e).__name__}: {e}). "
+                        f"{hint}") from e
 
 
 def load_dataset(name: str, data_dir: str, image_size: int) -> ImageData:
@@ -150,7 +151,8 @@ def _load_cifar10(data_dir, image_size):
             batch = CifarUnpickler(f, path, hint).load()
             data, y = batch[b"data"], np.asarray(batch[b"labels"], dtype=np.int64)
             if data.dtype != np.uint8 or data.shape != (len(y), 3072):
-                raise ValueError(f"expected uint8 data [N, 3072] for its {len(y)} labels, got {data.dtype} {data.shape}")
+                raise ValueError(f"expected uint8 data [N, 3072] for its {len(y)} labels, got {data.dtype} "
+                                 f"{data.shape}")
             if len(y) and not 0 <= y.min() <= y.max() < 10:
                 raise ValueError(f"its labels must be classes 0..9, got {y.min()}..{y.max()}")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R,G,B planes -> HWC
@@ -199,8 +201,8 @@ def _load_imagenet64(data_dir, image_size, chunk=4096):
     try:
         images = np.empty((sum(sizes), 64, 64, 3), dtype=np.uint8)
     except MemoryError:
-        raise DataError(f"The {sum(sizes)} images in {data_dir} need {sum(sizes) * 3 * 64 * 64 / 1e9:.1f} GB of memory, "
-                        "more than this machine can give.") from None
+        raise DataError(f"The {sum(sizes)} images in {data_dir} need {sum(sizes) * 3 * 64 * 64 / 1e9:.1f} GB of "
+                        "memory, more than this machine can give.") from None
     pos = 0
     with tqdm(total=len(images), unit="img", desc="imagenet64") as bar:
         for path, n in zip(paths, sizes):
@@ -221,7 +223,8 @@ def _load_folder(data_dir, image_size):
     layout = "Expected data_dir/<class_name>/<image>.png|.jpg|.jpeg, one sub-folder per class."
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir} is not a folder. {layout}")
-    classes = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith("."))
+    classes = sorted(d for d in os.listdir(data_dir)
+                     if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith("."))
     if not classes:
         raise DataError(f"{data_dir} has no class sub-folders. {layout}")
     files = []
@@ -236,7 +239,8 @@ def _load_folder(data_dir, image_size):
         with _reading(path, "Delete or replace that file."), Image.open(path) as img:
             if max(img.size) > MAX_ASPECT * min(img.size):  # (its size, from the header: nothing decoded yet)
                 raise DataError(f"{path} is {img.width}x{img.height} pixels: its center crop would keep less than "
-                                f"1/{MAX_ASPECT} of it (and enlarging it could take gigabytes). Delete or crop that file.")
+                                f"1/{MAX_ASPECT} of it (and enlarging it could take gigabytes). Delete or crop that "
+                                "file.")
             img = img.convert("RGB")
             scale = image_size / min(img.size)  # short side -> image_size (PIL antialiases when shrinking), center crop
             w, h = (max(image_size, round(side * scale)) for side in img.size)

@@ -157,8 +157,9 @@ def show_grid(rows, titles=None, row_names=None, size=1.2):
 
     columns = max(len(row) for row in rows)
     every_image = titles is not None and isinstance(titles[0], (list, tuple))
-    fig, axes = plt.subplots(len(rows), columns, figsize=(size * columns + (1.2 if row_names else 0.2),
-                                                          (size + (0.2 if titles else 0.05)) * len(rows)), squeeze=False)
+    width = size * columns + (1.2 if row_names else 0.2)  # inches
+    height = (size + (0.2 if titles else 0.05)) * len(rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(width, height), squeeze=False)
     for r, row in enumerate(rows):
         for c, ax in enumerate(axes[r]):
             ax.set_xticks([]), ax.set_yticks([])

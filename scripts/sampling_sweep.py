@@ -111,7 +111,8 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, k
         return labels[i:i + n].to(device), None if pivots is None else pivots[i:i + n].to(device)
 
     start = time.time()
-    generate(model, *batch(0, warmup), seed=123, setting=setting)
+    if warmup:  # (0: none, e.g. when an earlier setting already compiled for these shapes)
+        generate(model, *batch(0, warmup), seed=123, setting=setting)
     if device.type == "cuda":
         torch.cuda.synchronize()
     warmup_seconds = time.time() - start
