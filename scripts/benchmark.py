@@ -59,7 +59,10 @@ def flops_by_part(model):
     root = type(model).__name__
     parts = {}
     for name, child in model.named_children():
-        paths = [f"{root}.{name}.{i}" for i in range(len(child))] if isinstance(child, nn.ModuleList) else [f"{root}.{name}"]
+        if isinstance(child, nn.ModuleList):
+            paths = [f"{root}.{name}.{i}" for i in range(len(child))]
+        else:
+            paths = [f"{root}.{name}"]
         parts[name] = sum(counts.get(path, 0) for path in paths)
     return {k: v for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v > 0}, total
 
@@ -167,7 +170,8 @@ def main(argv=None):
 
     model = himar.HiMAR(train.config_from_args(args))
     parts, forward = flops_by_part(model)
-    print(f"{args.preset}: {model.num_params() / 1e6:.2f}M parameters; {forward / 1e9:.2f} GFLOP per image in one forward pass")
+    print(f"{args.preset}: {model.num_params() / 1e6:.2f}M parameters; {forward / 1e9:.2f} GFLOP per image in one "
+          "forward pass")
     for name, flops in parts.items():
         print(f"  {name:<20} {flops / 1e9:7.2f} GFLOP  {100 * flops / forward:5.1f}%")
     model.to(device)
@@ -180,13 +184,17 @@ def main(argv=None):
         print(f"the first two training steps took {first:.2f} s and {second:.2f} s (the first compiles the model, "
               "when compiled; a second as slow compiled it again)")
         result["first_steps_s"] = [first, second]
-        memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        memory = ""
+        if device.type == "cuda":
+            memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
         passes = f" in micro-batches of {args.micro_batch}" if args.micro_batch else ""
-        print(f"training: batch {args.batch_size}{passes}, {rate:.0f} images/s, {rate * per_image / 1e12:.1f} TFLOP/s{memory}")
+        print(f"training: batch {args.batch_size}{passes}, {rate:.0f} images/s, "
+              f"{rate * per_image / 1e12:.1f} TFLOP/s{memory}")
         result["images_per_s"] = rate
     if args.profile:
         wall, busy, kinds, top = profile_steps(model, args, device)
-        print(f"profile: {wall:.1f} ms per step, the GPU busy running kernels {busy:.1f} ms of it ({100 * busy / wall:.0f}%)")
+        print(f"profile: {wall:.1f} ms per step, the GPU busy running kernels {busy:.1f} ms of it "
+              f"({100 * busy / wall:.0f}%)")
         for kind, ms in kinds.items():
             print(f"  {kind:<28} {ms:6.1f} ms per step")
         print("the 15 kernels that take the most time (ms per step, launches per step, name):")

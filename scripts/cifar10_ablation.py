@@ -151,8 +151,9 @@ def load_ema(name, checkpoint_path, args, into=None):
 
 def sample_scored(model, num_images, setting, args, keep=None):
     """sample_and_score with the study's batch and warm-up (warmup_images), the row marked compiled or not."""
-    return {"compiled": args.compile, **sample_and_score(model, num_images, setting, args.scorer, args.batch_size,
-                                                         keep=keep, warmup=warmup_images(args.batch_size, args.compile))}
+    warmup = warmup_images(args.batch_size, args.compile)
+    return {"compiled": args.compile,
+            **sample_and_score(model, num_images, setting, args.scorer, args.batch_size, keep=keep, warmup=warmup)}
 
 
 def run_variant(name, seed, args, log):
@@ -179,11 +180,12 @@ def run_variant(name, seed, args, log):
         common += ["--lr", str(DIT_LR)]
     curve_cfg, cfgs = sweep_scales(name, args)
     if args.steps:
-        if not os.path.exists(os.path.join(out, f"checkpoint_{args.steps}.pt")):  # (else trained by an earlier study run)
+        if not os.path.exists(os.path.join(out, f"checkpoint_{args.steps}.pt")):  # (else an earlier study run did)
             train.train(train.parse_args(common + resumed(checkpoint_path)), model_class=model_class(name))
         model, scored = None, []
         for step in keep:
-            model, row = curve_point(name, seed, args, os.path.join(out, f"checkpoint_{step}.pt"), curve_cfg, log, model)
+            path = os.path.join(out, f"checkpoint_{step}.pt")
+            model, row = curve_point(name, seed, args, path, curve_cfg, log, model)
             scored.append(row)
     else:
         model, scored = None, []
@@ -219,7 +221,8 @@ ATTRIBUTES = ("variant", "seed", "budget", "unit", "step", "minutes", "params", 
 
 
 def budget_of(args):
-    """The study's budget and its unit: (--steps, "steps") at equal steps, (the last --score-at, "min") at equal time."""
+    """The study's budget and its unit: (--steps, "steps") at equal steps, (the last --score-at, "min") at equal
+    time."""
     return (args.steps, "steps") if args.steps else (args.score_at[-1], "min")
 
 
@@ -344,7 +347,9 @@ def plot_curves(curves, plot, title):
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
     for (n, seed), curve in curves.items():
         small = curve[0]["budget"] < largest
-        label = VARIANTS[n][0] + (f", seed {seed}" if seed else "") + (f" ({curve[0]['budget']:g} {curve[0].get('unit', 'min')})" if small else "")
+        label = VARIANTS[n][0] + (f", seed {seed}" if seed else "")
+        if small:
+            label += f" ({curve[0]['budget']:g} {curve[0].get('unit', 'min')})"
         for ax, (x, y) in zip(axes, [("minutes", "fd"), ("minutes", "acc"), ("step", "fd")]):
             ax.plot([r[x] for r in curve], [r[y] for r in curve], marker="o", color=colours[n],
                     ls=["-", "--", ":"][min(seed, 2)], lw=0.8 if small else 1.5, label=label)
@@ -392,7 +397,8 @@ def parse_args(argv=None):
     r.add_argument("--scorer", help="path of score_cifar10.py (without it, samples are timed but not scored)")
     r.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     r.add_argument("--steps", type=int, help="equal steps (the default): train each run this long, with the recipe's "
-                   f"schedule over them (default {EQUAL_STEPS:,}, what the recipe's Hi-MAR makes in 10 minutes on one H100)")
+                   f"schedule over them (default {EQUAL_STEPS:,}, what the recipe's Hi-MAR makes in 10 minutes on one "
+                   "H100)")
     r.add_argument("--score-steps", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0],
                    help="at equal steps: the fractions of --steps at which each run's EMA model is scored")
     r.add_argument("--score-at", type=float, nargs="+",
@@ -409,8 +415,8 @@ def parse_args(argv=None):
                         "MLP-head phases of the others; see cfg_setting)")
     r.add_argument("--batch-size", type=int, default=1000, help="sampling batch")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the heads for sampling (default: on a GPU; Hi-MAR's 10,000 images on an H200 in 27 "
-                        "s instead of 48, the same scores: REPORT.md)")
+                   help="torch.compile the heads for sampling (default: on a GPU; Hi-MAR's 10,000 images on an H200 "
+                        "in 27 s instead of 48, the same scores: REPORT.md)")
     r.add_argument("--preset", default="cifar10", choices=list(himar.PRESETS))
     r.add_argument("--log-every", type=int, default=50, help="train.py's --log-every; a segment ends at one of these")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

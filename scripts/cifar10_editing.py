@@ -59,7 +59,8 @@ def main():
         kept = torch.where(keep, pixels[:n], pictures.MAGENTA)
         edited = torch.from_numpy(edits[:n]).permute(0, 3, 1, 2).float() / 127.5 - 1
         rows = torch.stack([pixels[:n], kept, edited], dim=1)  # [n, 3, C, H, W]: original, kept, edit
-        pictures.save_grid(rows.flatten(0, 1), 3, args.grid, row_names=pictures.class_names(labels[:n], cfg.num_classes))
+        names = pictures.class_names(labels[:n], cfg.num_classes)
+        pictures.save_grid(rows.flatten(0, 1), 3, args.grid, row_names=names)
     print(json.dumps({"n": len(edits), "keep": args.keep, "seconds": round(seconds, 1), "device": str(device),
                       "acc_edits": score(args.scorer, edits, labels, device.type)["acc"],
                       "acc_originals": score(args.scorer, originals, labels, device.type)["acc"]}))

@@ -2,7 +2,7 @@
 other default sampling settings (fields of himar.Sampling, written as train.py's --set).
 
     python scripts/export_checkpoint.py runs/cifar10/checkpoint.pt checkpoints/himar_cifar10.pt
-    python scripts/export_checkpoint.py runs/cifar10/checkpoint.pt out.pt --set pivot_cfg=10 --set dense_diffusion_steps=25
+    python scripts/export_checkpoint.py runs/cifar10/checkpoint.pt out.pt --set pivot_cfg=12 --set dense_cfg=2.5
 """
 
 import argparse

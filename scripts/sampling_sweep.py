@@ -71,7 +71,8 @@ def score(scorer, images, labels, device_type):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "samples.npz")
         np.savez(path, arr_0=images, arr_1=labels)
-        out = subprocess.run([sys.executable, scorer, path, "--device", device_type], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, scorer, path, "--device", device_type], capture_output=True, text=True,
+                             check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -144,8 +145,8 @@ def parse_setting(text, cfg, error):
         error(f"--settings {text}: not JSON ({e.msg}); write e.g. '{{\"pivot_cfg\": 25}}'")
     fields = {f.name for f in dataclasses.fields(himar.Sampling)}
     if not isinstance(setting, dict) or set(setting) - fields - set(SAMPLE_OPTIONS):
-        error(f"--settings {text}: give a JSON object whose keys are fields of himar.Sampling ({', '.join(sorted(fields))}) "
-              f"or {' / '.join(SAMPLE_OPTIONS)}")
+        error(f"--settings {text}: give a JSON object whose keys are fields of himar.Sampling "
+              f"({', '.join(sorted(fields))}) or {' / '.join(SAMPLE_OPTIONS)}")
     try:
         cfg.sampling_with(**{k: v for k, v in setting.items() if k in fields})
     except (TypeError, ValueError) as e:
