@@ -300,6 +300,9 @@ def test_sampling_sweep_gives_phase_2_the_test_images_pivots_with_their_labels(t
     given.clear()
     sampling_sweep.sample_and_score(model, 4, {}, batch_size=4, warmup=2)
     assert given == [None, None]  # without test_pivots, phase 1 samples them
+    given.clear()
+    row = sampling_sweep.sample_and_score(model, 4, {}, batch_size=4, warmup=0)
+    assert len(given) == 1 and row["warmup_seconds"] < 0.5  # warmup 0: no warm-up call (the sweep's later settings)
     with pytest.raises(SystemExit, match="has 6 test images; give --num-images 6 or fewer"):
         sampling_sweep.sample_and_score(model, 8, {}, test_pivots=str(tmp_path))
 
