@@ -54,7 +54,7 @@ class Sampling:
     (first, last) pair annealed over the phase's generation steps (see diffusion_schedule)."""
     pivot_steps: int = 8  # K1: generation steps of phase 1 (the reference: 32; 8 scored better here, REPORT.md)
     dense_steps: int = 1  # K2: generation steps of phase 2
-    pivot_cfg: float = 15.0  # guidance scale of phase 1, reached at its end (it rises linearly from 1); REPORT.md
+    pivot_cfg: float = 15.0  # guidance scale of phase 1, reached at its end (rising from 1); 15 beat 20 (REPORT.md)
     dense_cfg: float = 3.0  # guidance scale of phase 2
     temperature: float = 1.0  # scales the noise of the DDPM sampler (DDIM has none)
     pivot_diffusion_steps: tuple = (100, 100)  # MLP head: denoising steps at the (first, last) generation step
