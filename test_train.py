@@ -307,6 +307,23 @@ def test_sampling_sweep_gives_phase_2_the_test_images_pivots_with_their_labels(t
         sampling_sweep.sample_and_score(model, 8, {}, test_pivots=str(tmp_path))
 
 
+def test_sampling_sweep_writes_the_real_pivots_row_to_its_out_file(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+    import sampling_sweep
+
+    (write_cifar(tmp_path) / "test_batch").write_bytes(pickle.dumps(cifar_batch(first=0, n=5)))
+    scorer = tmp_path / "scorer.py"  # stands in for score_cifar10.py: one JSON line about the images it was given
+    scorer.write_text("import json, sys\nimport numpy as np\nd = np.load(sys.argv[1])\n"
+                      "print(json.dumps({'fd': 1.5, 'scored': list(d['arr_0'].shape), 'labels': d['arr_1'].tolist()}))\n")
+    out = tmp_path / "rows.jsonl"
+    monkeypatch.setattr(sys, "argv", ["sampling_sweep.py", "--real-pivots", str(tmp_path), "--scorer", str(scorer),
+                                      "--num-images", "4", "--out", str(out)])
+    sampling_sweep.main()
+    rows = [json.loads(line) for line in open(out)]  # printed, and written to --out as the sampled settings are
+    assert len(rows) == 1 and rows[0]["n"] == 4 and rows[0]["fd"] == 1.5
+    assert rows[0]["scored"] == [4, 32, 32, 3] and rows[0]["labels"] == [0, 1, 2, 3]  # enlarged back to 32x32
+
+
 def test_ablation_study_at_equal_steps_scores_each_run_along_the_way_per_seed(study, image_folder, tmp_path, capsys,
                                                                               monkeypatch):
     out = tmp_path / "study"

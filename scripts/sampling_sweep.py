@@ -154,6 +154,13 @@ def parse_setting(text, cfg, error):
     return setting
 
 
+def emit(row, out):
+    """Print a result row and add it to the JSON-lines file `out`."""
+    print(json.dumps(row), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt")
@@ -172,9 +179,8 @@ def main():
         p.error("--real-pivots scores images: give --scorer PATH/score_cifar10.py")
     if args.real_pivots:
         pivots, labels = test_pivots_of(args.real_pivots, args.num_images)
-        row = {"setting": "real test images, downsampled 2x and enlarged 2x", "n": len(pivots),
-               **score(args.scorer, pictures.to_uint8(enlarge(pivots)), labels, "cpu")}
-        print(json.dumps(row))
+        emit({"setting": "real test images, downsampled 2x and enlarged 2x", "n": len(pivots),
+              **score(args.scorer, pictures.to_uint8(enlarge(pivots)), labels, "cpu")}, args.out)
         return
     if not args.ckpt:
         p.error("give --ckpt CHECKPOINT (or --real-pivots DATA)")
@@ -188,9 +194,7 @@ def main():
     for setting in settings:
         row = sample_and_score(model, args.num_images, setting, args.scorer, args.batch_size,
                                warmup=warmup_images(args.batch_size, compiled), test_pivots=args.test_pivots)
-        print(json.dumps(row), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        emit(row, args.out)
 
 
 if __name__ == "__main__":
