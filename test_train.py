@@ -314,7 +314,8 @@ def test_sampling_sweep_writes_the_real_pivots_row_to_its_out_file(tmp_path, mon
     (write_cifar(tmp_path) / "test_batch").write_bytes(pickle.dumps(cifar_batch(first=0, n=5)))
     scorer = tmp_path / "scorer.py"  # stands in for score_cifar10.py: one JSON line about the images it was given
     scorer.write_text("import json, sys\nimport numpy as np\nd = np.load(sys.argv[1])\n"
-                      "print(json.dumps({'fd': 1.5, 'scored': list(d['arr_0'].shape), 'labels': d['arr_1'].tolist()}))\n")
+                      "print(json.dumps({'fd': 1.5, 'scored': list(d['arr_0'].shape),\n"
+                      "                  'labels': d['arr_1'].tolist()}))\n")
     out = tmp_path / "rows.jsonl"
     monkeypatch.setattr(sys, "argv", ["sampling_sweep.py", "--real-pivots", str(tmp_path), "--scorer", str(scorer),
                                       "--num-images", "4", "--out", str(out)])
