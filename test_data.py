@@ -62,7 +62,8 @@ def test_cifar10_as_an_imagenet64_stand_in_reads_back_through_the_imagenet64_loa
     files = sorted(os.listdir(tmp_path / "in64"))
     assert files == [f"train_data_batch_{k}.npz" for k in range(1, 5)]
     first = np.load(tmp_path / "in64" / "train_data_batch_1.npz")
-    assert first["data"].shape == (4, 12288) and first["data"].dtype == np.uint8 and first["labels"].tolist() == [1, 2, 3, 4]
+    assert first["data"].shape == (4, 12288) and first["data"].dtype == np.uint8
+    assert first["labels"].tolist() == [1, 2, 3, 4]
     big = load_dataset("imagenet64", str(tmp_path / "in64"), 64)
     small = load_dataset("cifar10", str(tmp_path), 32)
     assert big.images.shape == (15, 64, 64, 3) and torch.equal(big.labels, small.labels)

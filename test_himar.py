@@ -267,7 +267,8 @@ def test_diffusion_sampler_with_the_exact_denoiser_returns_a_point_mass():
         return (x - abar.sqrt() * target) / (1 - abar).sqrt()
 
     for sampler in himar.SAMPLERS:
-        out = diffusion.sample(eps, torch.randn(64, 3), steps=10, sampler=sampler, generator=torch.Generator().manual_seed(0))
+        out = diffusion.sample(eps, torch.randn(64, 3), steps=10, sampler=sampler,
+                               generator=torch.Generator().manual_seed(0))
         assert torch.allclose(out, target.expand(64, 3), atol=1e-4), sampler
 
 
@@ -287,7 +288,8 @@ def test_diffusion_sampler_with_the_exact_denoiser_returns_a_gaussian(steps):
     # DDIM follows the probability-flow ODE: the same distribution, deterministically from the starting noise
     ddim = diffusion.sample(eps, noise, steps=steps, sampler="ddim")
     assert ddim.mean().item() == pytest.approx(mean, abs=0.01) and ddim.std().item() == pytest.approx(std, rel=0.05)
-    assert torch.equal(ddim, diffusion.sample(eps, noise, steps=steps, sampler="ddim", generator=torch.Generator().manual_seed(9)))
+    other_seed = diffusion.sample(eps, noise, steps=steps, sampler="ddim", generator=torch.Generator().manual_seed(9))
+    assert torch.equal(ddim, other_seed)  # no draws of its own
     # a temperature below 1 narrows DDPM's distribution
     cold = diffusion.sample(eps, noise, steps=steps, temperature=0.5, generator=torch.Generator().manual_seed(0))
     assert cold.std().item() < 0.9 * out.std().item()
@@ -506,7 +508,8 @@ def test_guidance_scales_are_set_per_phase():
     for name in scales:
         head = getattr(model, f"{name}_head")
         original = head.denoise
-        head.denoise = lambda *args, _name=name, _original=original, **kw: (scales[_name].append(args[2]), _original(*args, **kw))[1]
+        head.denoise = lambda *args, _name=name, _original=original, **kw: (scales[_name].append(args[2]),
+                                                                            _original(*args, **kw))[1]
     model.sample([1, 2], pivot_cfg=4.0, dense_cfg=2.0, pivot_steps=4, dense_steps=2, seed=0)
     for name, given in scales.items():  # one scale per image (or token); here every image has the same at each step
         assert all(len(s.unique()) == 1 for s in given)
@@ -567,7 +570,8 @@ def test_the_shipped_checkpoint_samples_the_images_it_sampled_when_it_was_shippe
 
     reference = np.load(SHIPPED.replace(".pt", "_reference.npz"))
     model = checkpoints.load_model(SHIPPED)
-    images = model.sample(reference["labels"].tolist(), seed=int(reference["seed"]), **json.loads(str(reference["settings"])))
+    images = model.sample(reference["labels"].tolist(), seed=int(reference["seed"]),
+                          **json.loads(str(reference["settings"])))
     difference = np.abs(pictures.to_uint8(images).astype(int) - reference["images"].astype(int))
     assert difference.mean() < 0.5 and (difference > 16).mean() < 0.001, (difference.mean(), difference.max())
 
@@ -815,7 +819,8 @@ def test_given_pivots_of_the_wrong_kind_are_refused_clearly():
     with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
         model.sample([0, 1], pivots=images(2, 16) * 2)
     with pytest.raises(ValueError, match="not both"):
-        model.sample([0, 1], pivots=images(2, 16), known_images=images(2), known_mask=torch.ones(2, 32, 32, dtype=torch.bool))
+        model.sample([0, 1], pivots=images(2, 16), known_images=images(2),
+                     known_mask=torch.ones(2, 32, 32, dtype=torch.bool))
     with pytest.raises(ValueError, match="no pivot phase"):
         tiny(pivots="none", dense_head="mlp").sample([0], pivots=images(1, 16))
 
@@ -892,7 +897,8 @@ def test_editing_masks_and_images_of_the_wrong_shape_are_refused_clearly():
     with pytest.raises(ValueError, match="aligned to whole dense tokens: every 4x4 pixel patch"):
         model.sample([0, 1], known_images=x, known_mask=keep)
     keep[:, :, :16] = True
-    with pytest.raises(ValueError, match=r"known_images must be \[B, C, H, W\] = \[2, 3, 32, 32\].*got \[2, 3, 16, 16\]"):
+    with pytest.raises(ValueError,
+                       match=r"known_images must be \[B, C, H, W\] = \[2, 3, 32, 32\].*got \[2, 3, 16, 16\]"):
         model.sample([0, 1], known_images=images(2, 16), known_mask=keep)
     with pytest.raises(ValueError, match=r"known_images must be \[B, C, H, W\]"):  # one image per label
         model.sample([0, 1, 2], known_images=x, known_mask=keep)
@@ -910,7 +916,8 @@ def test_phase_one_starts_from_the_known_pivots_and_phase_two_sees_placeholders_
     calls = record_transformer_calls(model)
     revealed = []
     sample_pivots = model.pivot_head.sample
-    model.pivot_head.sample = lambda tokens, mask, reveal, *rest: (revealed.append(reveal), sample_pivots(tokens, mask, reveal, *rest))[1]
+    model.pivot_head.sample = lambda tokens, mask, reveal, *rest: (revealed.append(reveal),
+                                                                   sample_pivots(tokens, mask, reveal, *rest))[1]
     x, keep = images(3), edit_masks()
     model.sample([1, 2, 3], seed=0, known_images=x, known_mask=keep, pivot_cfg=1.0, dense_cfg=1.0)
     pivots, dense = himar.tokenize(x, cfg.patch_size)

@@ -65,8 +65,9 @@ def test_notebook_runs_top_to_bottom(path):
     for k, (fresh, old) in enumerate(zip(nb.cells, saved.cells)):
         if fresh.cell_type == "code":
             assert text_of(fresh) == text_of(old), (
-                f"{os.path.basename(path)}, cell {k}: the saved text output differs from a fresh run, so the notebook is "
-                "stale: re-execute it top to bottom in notebooks/ and save it (in Jupyter: Restart Kernel and Run All, then Save)")
+                f"{os.path.basename(path)}, cell {k}: the saved text output differs from a fresh run, so the notebook "
+                "is stale: re-execute it top to bottom in notebooks/ and save it (in Jupyter: Restart Kernel and Run "
+                "All, then Save)")
 
 
 def text_of(cell):

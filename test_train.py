@@ -52,8 +52,8 @@ def test_train_then_sample_end_to_end(image_folder, tmp_path):
     assert [r["step"] for r in rows] == [3, 6] and all(np.isfinite(r["loss"]) for r in rows)
     grid, npz, gif = tmp_path / "grid.png", tmp_path / "s.npz", tmp_path / "t.gif"
     sample.main(["--ckpt", str(out / "checkpoint.pt"), "--grid", str(grid), "--labels", "0", "1", "--per-class", "3",
-                 "--num-images", "6", "--npz", str(npz), "--trajectory", str(gif), "--device", "cpu", "--batch-size", "4",
-                 "--dense-diffusion-steps", "3", "1"])
+                 "--num-images", "6", "--npz", str(npz), "--trajectory", str(gif), "--device", "cpu",
+                 "--batch-size", "4", "--dense-diffusion-steps", "3", "1"])
     height, width = np.asarray(Image.open(grid)).shape[:2]  # 2 rows x 3 images of 32 px + gaps, the class names left
     assert height == 2 * 34 + 2 and width > 3 * 34 + 2
     data = np.load(npz)
@@ -154,7 +154,8 @@ def test_micro_batch_flag_trains_and_out_of_memory_names_the_flag(image_folder, 
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train, "training_step", out_of_memory)
-    with pytest.raises(SystemExit, match=r"ran out of memory at step 1, with 8 images per forward pass.*--micro-batch 4"):
+    message = r"ran out of memory at step 1, with 8 images per forward pass.*--micro-batch 4"
+    with pytest.raises(SystemExit, match=message):
         train.main(train_args(image_folder, tmp_path / "oom", 3))
     monkeypatch.setattr(himar.HiMAR, "sample", out_of_memory)
     with pytest.raises(SystemExit, match=r"ran out of memory while sampling.*--batch-size for --npz \(now 500\)"):
@@ -187,7 +188,8 @@ def test_bad_flags_and_checkpoints_give_clear_errors(image_folder, tmp_path):
         sample.main(["--ckpt", ckpt, "--dense-sampler", "euler", "--device", "cpu"])
     with pytest.raises(SystemExit, match="dense_diffusion_steps must be a number or a pair"):
         train.main(train_args(image_folder, tmp_path / "c", 3) + ["--set", "dense_diffusion_steps=many"])
-    assert train.config_from_args(train.parse_args(["--preset", "tiny", "--set", "width=64"])).width == 64  # tiny's heads divide 64
+    args = train.parse_args(["--preset", "tiny", "--set", "width=64"])
+    assert train.config_from_args(args).width == 64  # tiny's heads divide 64
     with pytest.raises(SystemExit, match="width must be divisible by num_heads"):
         train.config_from_args(train.parse_args(["--preset", "tiny", "--set", "width=63"]))
     with pytest.raises(SystemExit, match="diffusion steps must be at least 1"):
@@ -203,8 +205,10 @@ def torchrun_two_cpu_processes(flags):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py", *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py",
+           *flags]
+    root = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
 
 
 def test_ddp_with_two_cpu_processes(image_folder, tmp_path):
@@ -245,9 +249,9 @@ def study(monkeypatch):
 
 def test_ablation_study_runs_end_to_end(study, image_folder, tmp_path, capsys):
     out = tmp_path / "study"
-    study.main(["run", "--out", str(out), "--preset", "tiny", "--variants", "mar", "dit", "--score-at", "0.002", "0.004",
-                "--num-images", "10", "--final-images", "20", "--batch-size", "10", "--log-every", "2",
-                "--cfgs", "1.5", "3", "--curve-cfg", "3", "--device", "cpu",
+    study.main(["run", "--out", str(out), "--preset", "tiny", "--variants", "mar", "dit",
+                "--score-at", "0.002", "0.004", "--num-images", "10", "--final-images", "20", "--batch-size", "10",
+                "--log-every", "2", "--cfgs", "1.5", "3", "--curve-cfg", "3", "--device", "cpu",
                 "--train-flags", "--dataset", "folder", "--data-dir", image_folder, "--batch-size", "8"])
     rows = [json.loads(line) for line in open(out / "results.jsonl")]
     for name in ("mar", "dit"):
@@ -295,7 +299,8 @@ def test_sampling_sweep_gives_phase_2_the_test_images_pivots_with_their_labels(t
     row = sampling_sweep.sample_and_score(model, 6, {}, batch_size=4, keep=tmp_path / "s.npz", warmup=2,
                                           test_pivots=str(tmp_path))
     assert np.load(tmp_path / "s.npz")["arr_1"].tolist() == test[b"labels"]
-    assert torch.allclose(torch.cat(given[1:]), himar.downsample(images), atol=1e-6)  # after the warm-up call, the 6 in batches
+    # after the warm-up call, the 6 in batches
+    assert torch.allclose(torch.cat(given[1:]), himar.downsample(images), atol=1e-6)
     assert row["n"] == 6 and row["given_pivots"] == "test images" and row["warmup_seconds"] > 0
     given.clear()
     sampling_sweep.sample_and_score(model, 4, {}, batch_size=4, warmup=2)
@@ -331,7 +336,8 @@ def test_ablation_study_at_equal_steps_scores_each_run_along_the_way_per_seed(st
     argv = ["run", "--out", str(out), "--preset", "tiny", "--variants", "mar", "dit", "--steps", "4", "--score-steps",
             "0.5", "--num-images", "10", "--num-images-mlp", "6", "--final-images", "20", "--batch-size", "10",
             "--cfgs", "1.5", "3", "--curve-cfg", "3", "--device", "cpu",
-            "--train-flags", "--dataset", "folder", "--data-dir", image_folder, "--batch-size", "8", "--warmup-steps", "1"]
+            "--train-flags", "--dataset", "folder", "--data-dir", image_folder, "--batch-size", "8",
+            "--warmup-steps", "1"]
     compiled = []  # --compile compiles each run's heads once: the later checkpoints load into the same model
     monkeypatch.setattr(study, "compile_heads", compiled.append)
     flags = argv.index("--train-flags")
@@ -358,7 +364,8 @@ def test_ablation_study_at_equal_steps_scores_each_run_along_the_way_per_seed(st
     at_2 = weights(first)
     reloaded, _ = study.load_ema("dit", out / "dit" / "checkpoint_4.pt", args, into=first)
     fresh, _ = study.load_ema("dit", out / "dit" / "checkpoint_4.pt", args)
-    assert reloaded is first and torch.equal(weights(reloaded), weights(fresh)) and not torch.equal(at_2, weights(fresh))
+    assert reloaded is first and torch.equal(weights(reloaded), weights(fresh))
+    assert not torch.equal(at_2, weights(fresh))
     study.main(argv)  # again: everything is in results.jsonl, so nothing is trained or sampled twice
     assert len(open(out / "results.jsonl").readlines()) == len(rows)
     with open(out / "results.jsonl", "w") as f:  # as if a scorer had scored every sample set
@@ -380,7 +387,8 @@ def test_sampling_sweep_says_what_is_wrong_with_a_setting():
         raise SystemExit(message)
 
     cfg = himar.preset("tiny")
-    assert sampling_sweep.parse_setting('{"pivot_cfg": 5, "drop_pivots": true}', cfg, error) == {"pivot_cfg": 5, "drop_pivots": True}
+    parsed = sampling_sweep.parse_setting('{"pivot_cfg": 5, "drop_pivots": true}', cfg, error)
+    assert parsed == {"pivot_cfg": 5, "drop_pivots": True}
     for text, words in [("{bad", "not JSON"), ('{"cfg": 3}', "fields of himar.Sampling"), ("[1]", "a JSON object"),
                         ('{"pivot_steps": 0}', "pivot_steps must be at least 1")]:
         with pytest.raises(SystemExit, match=words):
@@ -403,7 +411,8 @@ def test_benchmark_accounts_for_the_whole_forward_pass_and_times_training(capsys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
     import benchmark
 
-    result = benchmark.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "4"])
+    result = benchmark.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
+                             "--batch-size", "4"])
     parts, total = result["parts"], result["forward"]
     assert sum(parts.values()) == pytest.approx(total, rel=1e-6)  # every FLOP belongs to one part
     assert {"blocks", "dense_head", "pivot_head"} <= set(parts)
@@ -416,7 +425,8 @@ def test_benchmark_accounts_for_the_whole_forward_pass_and_times_training(capsys
     phase2 = phase1 + cfg.num_dense  # [buffer | pivot context | dense]
     assert parts["blocks"] == cfg.depth * (block(phase1) + block(phase2))
     assert result["images_per_s"] > 0 and len(result["first_steps_s"]) == 2 and min(result["first_steps_s"]) > 0
-    mar = benchmark.main(["--preset", "tiny", "--set", "pivots=none", "--set", "dense_head=mlp", "--steps", "0"])["parts"]
+    mar = benchmark.main(["--preset", "tiny", "--set", "pivots=none", "--set", "dense_head=mlp",
+                          "--steps", "0"])["parts"]
     assert "pivot_head" not in mar and mar["blocks"] < parts["blocks"]
     out = capsys.readouterr().out
     assert "GFLOP per image" in out and "images/s" in out
@@ -504,7 +514,8 @@ def test_ema_decay_reaches_the_configured_value_at_the_end_of_the_warmup():
 
 
 def test_the_learning_rate_decays_over_the_time_budget_when_max_minutes_ends_the_run():
-    args = train.parse_args(["--preset", "cifar10", "--max-steps", "1000000", "--max-minutes", "20", "--warmup-steps", "10"])
+    args = train.parse_args(["--preset", "cifar10", "--max-steps", "1000000", "--max-minutes", "20",
+                             "--warmup-steps", "10"])
     assert train.learning_rate(args, 5, 0.0) == pytest.approx(args.lr * 6 / 10)  # warm-up by steps
     halfway = train.run_progress(args, 5000, 10 * 60)  # few of the steps, half of the time
     assert halfway == pytest.approx(0.5)
@@ -518,7 +529,8 @@ def test_a_checkpoint_without_optimizer_state_is_sampled_but_not_resumed(image_f
     out = tmp_path / "run"
     out.mkdir()
     model = himar.HiMAR(himar.preset("tiny"))
-    checkpoints.save_checkpoint(out / "checkpoint.pt", {"config": himar.asdict(model.cfg), "ema": model.state_dict(), "step": 3})
+    checkpoints.save_checkpoint(out / "checkpoint.pt",
+                                {"config": himar.asdict(model.cfg), "ema": model.state_dict(), "step": 3})
     with pytest.raises(SystemExit, match="holds no optimizer state"):
         train.main(train_args(image_folder, out, 5) + ["--resume"])
 
@@ -600,7 +612,8 @@ def test_a_non_finite_gradient_or_weight_never_reaches_a_checkpoint(image_folder
     assert (out / "checkpoint.pt").read_bytes() == good
     # sample.py refuses a checkpoint with non-finite weights
     checkpoint = torch.load(out / "checkpoint.pt")
-    checkpoint["ema"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in checkpoint["ema"].items()}
+    checkpoint["ema"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                         for k, v in checkpoint["ema"].items()}
     checkpoints.save_checkpoint(tmp_path / "bad.pt", checkpoint)
     with pytest.raises(SystemExit, match="NaN or inf: it cannot generate images"):
         sample.main(["--ckpt", str(tmp_path / "bad.pt"), "--device", "cpu", "--trajectory", ""])
@@ -669,7 +682,8 @@ def test_checkpoints_are_synced_get_the_users_mode_and_stale_temporary_files_go(
     (["--max-minutes", "0"], "--max-minutes must be > 0"), (["--ema-decay", "1"], "--ema-decay must be in"),
     (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs replays compiled code on a CUDA GPU"),
     (["--cuda-graphs", "--no-compile"], "--cuda-graphs replays compiled code on a CUDA GPU"),
-    (["--cuda-graphs", "--device", "cuda", "--micro-batch", "8"], "--cuda-graphs does not work with gradient accumulation"),
+    (["--cuda-graphs", "--device", "cuda", "--micro-batch", "8"],
+     "--cuda-graphs does not work with gradient accumulation"),
 ])
 def test_train_flags_are_checked_before_anything_starts(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -678,11 +692,16 @@ def test_train_flags_are_checked_before_anything_starts(flags, message, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--per-class", "0"], "--per-class must be a positive"), (["--batch-size", "0"], "--batch-size must be a positive"),
-    (["--grid", "grid.bmp"], "must end in .png or .jpg or .jpeg"), (["--trajectory", "t.mp4"], "must end in .png or .gif"),
-    (["--num-images", "10"], "--num-images needs --npz"), (["--npz", "samples", "--num-images", "4"], "must end in .npz"),
-    (["--device", "foo"], "not a device"), (["--edit", "missing.png", "--keep", "left"], "--edit missing.png: no such file"),
-    (["--edit", "in.png"], "--edit needs --keep REGION, one of left, right"), (["--keep", "left"], "--keep needs --edit"),
+    (["--per-class", "0"], "--per-class must be a positive"),
+    (["--batch-size", "0"], "--batch-size must be a positive"),
+    (["--grid", "grid.bmp"], "must end in .png or .jpg or .jpeg"),
+    (["--trajectory", "t.mp4"], "must end in .png or .gif"),
+    (["--num-images", "10"], "--num-images needs --npz"),
+    (["--npz", "samples", "--num-images", "4"], "must end in .npz"),
+    (["--device", "foo"], "not a device"),
+    (["--edit", "missing.png", "--keep", "left"], "--edit missing.png: no such file"),
+    (["--edit", "in.png"], "--edit needs --keep REGION, one of left, right"),
+    (["--keep", "left"], "--keep needs --edit"),
     (["--edit", "in.png", "--keep", "top", "--per-class", "2"], "does not go with --npz or --per-class"),
 ])
 def test_sample_flags_are_checked_before_the_model_loads(flags, message, monkeypatch):
@@ -790,8 +809,8 @@ def test_sample_edit_writes_one_named_row_per_label_the_input_the_kept_region_an
         tiny_checkpoint, tmp_path, capsys, heads_in_range):
     pixels = write_picture(tmp_path / "in.png")
     grid, trajectory = tmp_path / "edits.png", tmp_path / "t.png"
-    sample.main(["--ckpt", tiny_checkpoint, "--edit", str(tmp_path / "in.png"), "--keep", "left", "--labels", "0", "3", "3",
-                 "--grid", str(grid), "--trajectory", str(trajectory), "--device", "cpu"])
+    sample.main(["--ckpt", tiny_checkpoint, "--edit", str(tmp_path / "in.png"), "--keep", "left",
+                 "--labels", "0", "3", "3", "--grid", str(grid), "--trajectory", str(trajectory), "--device", "cpu"])
     shown = np.asarray(Image.open(grid))[..., :3]
     assert shown.shape[0] == 3 * 34 + 2 and shown.shape[1] > 3 * 34 + 2 + 30  # 3 rows of 3 (32 px + gaps), names
     right = shown[:, -(3 * 34 + 2):]  # the grid, at the right of its row names
@@ -814,11 +833,12 @@ def test_sample_edit_writes_one_named_row_per_label_the_input_the_kept_region_an
 def test_sample_edit_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not a picture")
     with pytest.raises(SystemExit, match="notes.png could not be read as an image"):
-        sample.main(["--ckpt", tiny_checkpoint, "--edit", str(tmp_path / "notes.png"), "--keep", "left", "--device", "cpu"])
+        sample.main(["--ckpt", tiny_checkpoint, "--edit", str(tmp_path / "notes.png"), "--keep", "left",
+                     "--device", "cpu"])
     write_picture(tmp_path / "big.png", size=64)
     with pytest.raises(SystemExit, match="big.png is 64x64 pixels; this checkpoint's model edits 32x32 images"):
-        sample.main(["--ckpt", tiny_checkpoint, "--edit", str(tmp_path / "big.png"), "--keep", "left", "--device", "cpu",
-                     "--grid", str(tmp_path / "edits.png")])
+        sample.main(["--ckpt", tiny_checkpoint, "--edit", str(tmp_path / "big.png"), "--keep", "left",
+                     "--device", "cpu", "--grid", str(tmp_path / "edits.png")])
     assert not (tmp_path / "edits.png").exists()
     with pytest.raises(SystemExit):
         sample.main(["--edit", str(tmp_path / "big.png"), "--keep", "middle"])
@@ -932,8 +952,9 @@ def test_the_class_grid_of_sample_py_names_its_rows(tiny_checkpoint, tmp_path):
 
 
 def test_ddp_ranks_stop_with_a_message_when_rank_0_cannot_read_the_data(tmp_path):
-    result = torchrun_two_cpu_processes(["--preset", "tiny", "--dataset", "folder", "--data-dir", str(tmp_path / "missing"),
-                                         "--out-dir", str(tmp_path / "run"), "--device", "cpu", "--max-steps", "2"])
+    result = torchrun_two_cpu_processes(["--preset", "tiny", "--dataset", "folder",
+                                         "--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "run"),
+                                         "--device", "cpu", "--max-steps", "2"])
     assert result.returncode != 0
     assert "rank 1: rank 0 could not read the data set" in result.stderr
     assert "[rank1]: Traceback" not in result.stderr  # the launcher's own report aside, no rank prints a traceback
@@ -944,7 +965,8 @@ def test_sample_draws_the_ema_or_the_raw_weights_as_asked(tmp_path, capsys, head
     raw, ema = himar.HiMAR(himar.preset("tiny")), himar.HiMAR(himar.preset("tiny"))
     random_weights(raw), random_weights(ema)  # two sets of weights that draw different images
     path = tmp_path / "run.pt"
-    checkpoints.save_checkpoint(path, {"config": himar.asdict(raw.cfg), "model": raw.state_dict(), "ema": ema.state_dict()})
+    checkpoints.save_checkpoint(path, {"config": himar.asdict(raw.cfg), "model": raw.state_dict(),
+                                       "ema": ema.state_dict()})
     grids = {}
     for weights in ("ema", "model"):
         npz = tmp_path / f"{weights}.npz"
@@ -957,7 +979,8 @@ def test_sample_draws_the_ema_or_the_raw_weights_as_asked(tmp_path, capsys, head
     exported = tmp_path / "exported.pt"  # EMA weights only, as scripts/export_checkpoint.py writes
     checkpoints.save_checkpoint(exported, {"config": himar.asdict(raw.cfg), "ema": ema.state_dict()})
     with pytest.raises(SystemExit, match="no 'model' weights"):
-        sample.main(["--ckpt", str(exported), "--weights", "model", "--grid", "", "--trajectory", "", "--device", "cpu"])
+        sample.main(["--ckpt", str(exported), "--weights", "model", "--grid", "", "--trajectory", "",
+                     "--device", "cpu"])
 
 
 # ----- a run folder no one can turn against its user, metrics that never block a resume, no stop request ignored -----
@@ -965,7 +988,8 @@ def test_sample_draws_the_ema_or_the_raw_weights_as_asked(tmp_path, capsys, head
 
 def blank_samples(monkeypatch):
     """Training's sample grids drawn blank, at once: tests about files need no pictures (and sampling takes time)."""
-    monkeypatch.setattr(himar.HiMAR, "sample", lambda self, labels, *args, **kwargs: torch.zeros(len(labels), 3, 32, 32))
+    monkeypatch.setattr(himar.HiMAR, "sample",
+                        lambda self, labels, *args, **kwargs: torch.zeros(len(labels), 3, 32, 32))
 
 
 @pytest.mark.parametrize("name", [".lock", "checkpoint.pt", "metrics.jsonl", "loss.png", "samples_0000001.png"])
@@ -1044,13 +1068,15 @@ def test_each_save_keeps_the_one_before_and_a_stopped_run_says_truly_what_it_sav
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(SystemExit, match=r"could not write in .* after step 3 \(No space left on device\).*holds step 2"):
+    message = r"could not write in .* after step 3 \(No space left on device\).*holds step 2"
+    with pytest.raises(SystemExit, match=message):
         train.main(train_args(image_folder, out, 4, "--resume", "--ckpt-every", "1"))
     monkeypatch.undo()
     assert torch.load(out / "checkpoint.pt")["step"] == 2
 
 
-def test_sampling_refuses_non_finite_settings_and_never_writes_non_finite_samples(tiny_checkpoint, tmp_path, monkeypatch):
+def test_sampling_refuses_non_finite_settings_and_never_writes_non_finite_samples(tiny_checkpoint, tmp_path,
+                                                                                  monkeypatch):
     grid, npz = tmp_path / "grid.png", tmp_path / "samples.npz"
     run = ["--ckpt", tiny_checkpoint, "--device", "cpu", "--trajectory", ""]
     for flags, message in ((["--pivot-cfg", "inf"], "pivot_cfg must be a finite number >= 0, got inf"),
@@ -1062,8 +1088,9 @@ def test_sampling_refuses_non_finite_settings_and_never_writes_non_finite_sample
         return (images, []) if trajectory else images
 
     monkeypatch.setattr(himar.HiMAR, "sample", gone_bad)
+    message = "4 of 4 generated images hold NaN or inf values, so they were not written"
     for flags in (["--grid", str(grid), "--labels", "0", "1"], ["--grid", "", "--num-images", "4", "--npz", str(npz)]):
-        with pytest.raises(SystemExit, match="4 of 4 generated images hold NaN or inf values, so they were not written"):
+        with pytest.raises(SystemExit, match=message):
             sample.main(run + flags)
     assert not grid.exists() and not npz.exists()
     with pytest.raises(pictures.NonFiniteImages):
@@ -1076,7 +1103,8 @@ def test_sampling_refuses_non_finite_settings_and_never_writes_non_finite_sample
     ("mask_ratio_std=-1", "mask_ratio_std must be a finite number >= 0, got -1.0"),
     ("mask_ratio_min=1.5", "mask_ratio_min must be a number in [0, 1), got 1.5"),  # MAR's ratio loop would never end
     ("mask_ratio_min=nan", "mask_ratio_min must be a number in [0, 1), got nan"),
-    ("scale_vector=maybe", "scale_vector must be a true or false"), ("patch_size=0", "patch_size must be a whole number"),
+    ("scale_vector=maybe", "scale_vector must be a true or false"),
+    ("patch_size=0", "patch_size must be a whole number"),
     ("width=0", "width must be a whole number >= 1"), ("num_heads=0", "num_heads must be a whole number >= 1"),
     ("mlp_ratio=nan", "mlp_ratio must be a finite number > 0"), ("dropout=1.5", "dropout must be a number in [0, 1)"),
     ("buffer_tokens=-1", "buffer_tokens must be a whole number >= 1"), ("channels=1", "RGB, so channels must be 3"),
@@ -1093,7 +1121,8 @@ def test_every_config_field_is_checked_with_a_one_line_message(setting, message)
     (["--micro-batch", str(10**20)], f"--micro-batch {10**20} is more than the batch (--batch-size 32)"),
     (["--lr", "1e300"], "--lr must be > 0 and at most 1"), (["--lr", "inf"], "--lr must be > 0 and at most 1"),
     (["--weight-decay", "inf"], "--weight-decay must be >= 0 and finite, got inf"),
-    (["--max-steps", "100", "--keep-at", "50", "150"], "--keep-at takes step numbers from 1 to --max-steps, got [50, 150]"),
+    (["--max-steps", "100", "--keep-at", "50", "150"],
+     "--keep-at takes step numbers from 1 to --max-steps, got [50, 150]"),
 ])
 def test_flags_out_of_range_get_a_one_line_error(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -1163,7 +1192,8 @@ def test_data_files_that_claim_too_much_or_hold_bad_labels_or_odd_shapes_get_a_s
 
 def untrained_run(out, data_dir, dataset="folder", **changes):
     """The checkpoint of a tiny run in `out` that has not trained yet, as train.py saves it, with `changes`."""
-    args = train.parse_args(["--preset", "tiny", "--dataset", dataset, "--data-dir", str(data_dir), "--out-dir", str(out)])
+    args = train.parse_args(["--preset", "tiny", "--dataset", dataset, "--data-dir", str(data_dir),
+                             "--out-dir", str(out)])
     model = himar.HiMAR(himar.preset("tiny"))
     checkpoint = {"config": himar.asdict(model.cfg), "model": model.state_dict(), "ema": model.state_dict(),
                   "optimizer": train.make_optimizer(model, args).state_dict(), "step": 0,
@@ -1179,7 +1209,8 @@ def test_train_says_in_a_sentence_what_is_wrong_with_a_checkpoint_a_folder_or_th
         with pytest.raises(SystemExit, match=message):
             train.main(resume)
     untrained_run(out, tmp_path / "moved", dataset="cifar10")  # its data folder has moved since
-    with pytest.raises(SystemExit, match="data folder .*moved is not there any more: give its new place with --data-dir"):
+    message = "data folder .*moved is not there any more: give its new place with --data-dir"
+    with pytest.raises(SystemExit, match=message):
         train.main(resume)
     assert not (tmp_path / "moved").exists()  # not made, and nothing downloaded into it
     (tmp_path / "a_file").write_text("not a folder")
