@@ -42,7 +42,7 @@ except ImportError:
 # micro_batch: images per forward/backward pass on a GPU (None: the whole batch); imagenet64's 512 do not fit at once.
 RECIPES = {
     "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99, micro_batch=None),
-    # cifar10: about 20 minutes on one H100 (19.4 and 19.7 minutes of training in two runs on fresh ones, REPORT.md)
+    # cifar10: about 20 minutes on one H100 (19.2 to 19.7 minutes of training in three runs on fresh ones, REPORT.md)
     "cifar10": dict(steps=17200, batch_size=256, lr=6e-4, warmup=500, ema_decay=0.999, micro_batch=None),
     # imagenet64: about a day on one H100 (892 images/s measured, REPORT.md): 150,000 x 512 = 60 epochs
     "imagenet64": dict(steps=150000, batch_size=512, lr=4e-4, warmup=5000, ema_decay=0.9999, micro_batch=128),
