@@ -282,6 +282,22 @@ def test_ablation_study_runs_end_to_end(study, image_folder, tmp_path, capsys):
         study.main(["grids", str(tmp_path / "nothing"), str(tmp_path / "none.png")])
 
 
+def test_the_study_plot_marks_the_curves_scored_on_fewer_samples(study, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    def curve(n):
+        return [{"budget": 4, "unit": "steps", "n": n, "step": s, "minutes": s / 2, "fd": 20.0 / s, "acc": 0.1 * s}
+                for s in (2, 4)]
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *args, **kwargs: saved.append(fig))
+    study.plot_curves({("mar", 0): curve(6), ("dit", 0): curve(10)}, tmp_path / "curves.png", "title")
+    fig, = saved
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["1. MAR: no pivots, MLP head, N = 6", "plain DiT"]
+    mar, dit = fig.axes[0].get_lines()
+    assert mar.get_markerfacecolor() == "white" and dit.get_markerfacecolor() == dit.get_color()
+
+
 def test_sampling_sweep_gives_phase_2_the_test_images_pivots_with_their_labels(tmp_path, monkeypatch):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
     import sampling_sweep

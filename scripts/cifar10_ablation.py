@@ -335,7 +335,8 @@ def report(out, plot=None):
 
 def plot_curves(curves, plot, title):
     """fd and acc against training minutes, fd against steps: a colour per variant, a line style per seed; a run
-    of a smaller budget than the largest is drawn thin."""
+    of a smaller budget than the largest is drawn thin, a curve scored on fewer samples than the most has hollow
+    markers (its fd reads higher: fewer samples, more bias)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,6 +344,7 @@ def plot_curves(curves, plot, title):
     from matplotlib.ticker import ScalarFormatter
 
     largest = max(curve[0]["budget"] for curve in curves.values())
+    most = max(curve[0]["n"] for curve in curves.values())
     colours = {n: f"C{i}" for i, n in enumerate(VARIANTS)}
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
     for (n, seed), curve in curves.items():
@@ -350,9 +352,13 @@ def plot_curves(curves, plot, title):
         label = VARIANTS[n][0] + (f", seed {seed}" if seed else "")
         if small:
             label += f" ({curve[0]['budget']:g} {curve[0].get('unit', 'min')})"
+        fewer = curve[0]["n"] < most
+        if fewer:
+            label += f", N = {curve[0]['n']:,}"
         for ax, (x, y) in zip(axes, [("minutes", "fd"), ("minutes", "acc"), ("step", "fd")]):
             ax.plot([r[x] for r in curve], [r[y] for r in curve], marker="o", color=colours[n],
-                    ls=["-", "--", ":"][min(seed, 2)], lw=0.8 if small else 1.5, label=label)
+                    mfc="white" if fewer else colours[n], ls=["-", "--", ":"][min(seed, 2)], lw=0.8 if small else 1.5,
+                    label=label)
     for ax, (x, y) in zip(axes, [("training minutes", "fd"), ("training minutes", "acc"), ("training steps", "fd")]):
         ax.set_xlabel(x), ax.set_ylabel(y), ax.grid(alpha=0.3, which="both")
     for ax in axes[0], axes[2]:
