@@ -12,13 +12,20 @@ them. Each run keeps its checkpoint at the --score-steps fractions of its steps 
 done, each kept EMA model samples --num-images images (--num-images-mlp for the variants whose dense tokens an MLP
 head draws, slow to sample; the heads compiled on a GPU) at the variant's curve CFG and is scored: the curves,
 against steps and against the training minutes the run had taken there (so the same runs also give the equal-time
-reading). Then each CFG of
---cfgs is tried at the last checkpoint, and --final-images images are sampled with the best one (lowest fd),
-timed and scored: the table's numbers. Everything measured is appended to OUT/results.jsonl as it comes, each row
-tagged with its variant, seed, budget and GPU; a study run again skips what that file already holds, and a run cut
-off mid-training resumes from its checkpoint. `report` turns the file into markdown tables (the final rows; every
-curve read at equal steps and at equal time) and a plot; `grids` puts the variants' final sample grids (seed 0)
-side by side.
+reading). Then each CFG of --cfgs is tried at the last checkpoint, and --final-images images are sampled with the
+best one (lowest fd), timed and scored: the table's numbers. Everything measured is appended to OUT/results.jsonl
+as it comes, each row tagged with its variant, seed, budget and GPU; a study run again skips what that file already
+holds, and a run cut off mid-training resumes from its checkpoint. `report` turns the file into markdown tables
+(the final rows; every curve read at equal steps and at equal time) and a plot; `grids` puts the variants' final
+sample grids (seed 0) side by side.
+
+On a host with several GPUs, the rows can run side by side, one `run` per GPU with its own --variants and the same
+--out; each appends whole lines to the one results file, and each row's timing is its own GPU's:
+
+    CUDA_VISIBLE_DEVICES=0 python scripts/cifar10_ablation.py run ... --variants mar visual &
+    CUDA_VISIBLE_DEVICES=1 python scripts/cifar10_ablation.py run ... --variants conditional conditional_dit &
+    CUDA_VISIBLE_DEVICES=2 python scripts/cifar10_ablation.py run ... --variants himar dit &
+    wait; python scripts/cifar10_ablation.py report runs/ablation --plot figures/cifar10_ablation.png
 
 With --score-at MINUTES instead of --steps, the study is at equal training time, as it first was: each run trains
 in segments that end at those minutes, with a constant learning rate after the warm-up (a run stopped at any time
