@@ -583,9 +583,15 @@ def test_a_fresh_run_never_overwrites_a_run_folder_by_accident(image_folder, tmp
     assert (out / "checkpoint.pt").read_bytes() == before
     with pytest.raises(SystemExit):
         train.main(train_args(image_folder, out, 3, "--resume", "--overwrite"))
+    # --overwrite with a mistake in the new run's flags or data: it stops before the old run is touched
+    for mistake in (["--set", "pivots=bogus"], ["--batch-size", "100000"], ["--data-dir", str(tmp_path / "none")]):
+        with pytest.raises(SystemExit):
+            train.main(train_args(image_folder, out, 3, "--overwrite", *mistake))
+        assert (out / "checkpoint.pt").read_bytes() == before and (out / "samples_0000006.png").exists()
     train.main(train_args(image_folder, out, 3, "--overwrite"))
     assert torch.load(out / "checkpoint.pt")["step"] == 3
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [3]  # the old run's rows are gone
+    assert not (out / "samples_0000006.png").exists()
 
 
 def test_resume_takes_the_runs_own_settings_and_reports_changes(image_folder, tmp_path, capsys):

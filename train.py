@@ -57,6 +57,8 @@ def train(args, model_class=himar.HiMAR):
         args, cfg, checkpoint = run_config(args, main_process=rank == 0)
         data = training_data(args, cfg, rank, world_size, device)
         model, ema, optimizer = build(model_class, cfg, args, device, rank)
+        if rank == 0:
+            clear_earlier_run(args)
         run = Run(args, cfg, model, ema, optimizer, rank, world_size, device, checkpoint, len(data.labels))
         step_model = model if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -540,9 +542,15 @@ def claim_run_folder(args):
             raise SystemExit(f"error: {args.out_dir} holds the files of a run that saved no checkpoint "
                              f"({', '.join(old)}): start afresh there with --overwrite (which deletes them), or "
                              "choose another --out-dir")
-        for name in old:
+    return lock  # (with --overwrite, the old run's files go only once the new run has started: clear_earlier_run)
+
+
+def clear_earlier_run(args):
+    """--overwrite: delete the files of the run that was in --out-dir, now that the new run's config, data and model
+    are known to be good (a mistyped flag stops the new run before it can cost the old one anything)."""
+    if args.overwrite and not args.resume:
+        for name in run_files(args.out_dir):
             os.remove(os.path.join(args.out_dir, name))
-    return lock
 
 
 def run_config(args, main_process):
