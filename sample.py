@@ -23,6 +23,7 @@ import torch
 import checkpoints
 import pictures
 import himar
+from data import DataError
 
 SHIPPED_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "himar_cifar10.pt")
 
@@ -193,6 +194,41 @@ def pick_device(name):
 OUTPUTS = {"grid": (".png", ".jpg", ".jpeg"), "trajectory": (".png", ".gif"), "npz": (".npz",)}
 
 
+def positive_int(text):
+    """argparse type: a whole number above 0 (a count of images, a batch)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+def check_writable(flag, path, extensions=None):
+    """Stop with a message now if `path` (given as --flag) cannot be written later: a folder, a missing or read-only
+    folder above it, or (with `extensions`) a name not ending in one of them."""
+    if extensions and not path.lower().endswith(extensions):
+        sys.exit(f"error: --{flag} {path}: the file name must end in {' or '.join(extensions)}")
+    if os.path.isdir(path):
+        sys.exit(f"error: --{flag} {path} is a folder: give a file name (in that folder, say)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        sys.exit(f"error: cannot write {path}: the folder {folder} does not exist or is not writable")
+
+
+@contextlib.contextmanager
+def errors_for_people():
+    """For the scripts: a checkpoint or a data set that cannot be used, or a file that cannot be written, stops the
+    script with its message instead of a traceback."""
+    try:
+        yield
+    except (checkpoints.CheckpointError, DataError) as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}")
+
+
 def check_args(args):
     """Every flag checked before the model is loaded, so that nothing fails after minutes of sampling."""
     for name in ("per_class", "batch_size"):
@@ -215,16 +251,8 @@ def check_args(args):
         with opened_picture(args.edit):  # its header only: is it a picture at all
             pass
     for name, extensions in OUTPUTS.items():
-        path = getattr(args, name)
-        if not path:
-            continue
-        if not path.lower().endswith(extensions):
-            sys.exit(f"error: --{name} {path}: the file name must end in {' or '.join(extensions)}")
-        if os.path.isdir(path):
-            sys.exit(f"error: --{name} {path} is a folder: give a file name (in that folder, say)")
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            sys.exit(f"error: cannot write {path}: the folder {folder} does not exist or is not writable")
+        if getattr(args, name):
+            check_writable(name, getattr(args, name), extensions)
 
 
 def write_trajectory(frames, which, path, row_names=None):

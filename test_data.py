@@ -61,6 +61,10 @@ def test_cifar10_as_an_imagenet64_stand_in_reads_back_through_the_imagenet64_loa
     convert.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "in64"), "--per-file", "4"])
     files = sorted(os.listdir(tmp_path / "in64"))
     assert files == [f"train_data_batch_{k}.npz" for k in range(1, 5)]
+    # converted again into the same folder, in larger files: the earlier files do not stay to be read twice
+    convert.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "in64"), "--per-file", "8"])
+    assert sorted(os.listdir(tmp_path / "in64")) == ["train_data_batch_1.npz", "train_data_batch_2.npz"]
+    convert.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "in64"), "--per-file", "4"])
     first = np.load(tmp_path / "in64" / "train_data_batch_1.npz")
     assert first["data"].shape == (4, 12288) and first["data"].dtype == np.uint8
     assert first["labels"].tolist() == [1, 2, 3, 4]

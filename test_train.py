@@ -821,6 +821,52 @@ def test_sampler_convergence_measures_each_setting_against_the_first(tiny_checkp
             sampler_convergence.main(["--ckpt", tiny_checkpoint, "--phase", "dense", "--settings", bad])
 
 
+def test_export_keeps_the_ema_weights_in_bf16_and_never_replaces_a_training_checkpoint(tiny_checkpoint, tmp_path,
+                                                                                        capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+    import export_checkpoint
+
+    training = tmp_path / "training.pt"  # as train.py writes it: the weights, their EMA, the optimizer's state
+    saved = torch.load(tiny_checkpoint)
+    checkpoints.save_checkpoint(training, {**saved, "ema": saved["model"], "optimizer": {"state": {}}, "step": 5})
+    before = training.read_bytes()
+    export_checkpoint.main([str(training), str(tmp_path / "out.pt"), "--set", "pivot_cfg=7"])
+    out = torch.load(tmp_path / "out.pt")
+    assert set(out) == {"config", "ema", "step"} and out["step"] == 5 and out["config"]["sampling"]["pivot_cfg"] == 7
+    assert all(v.dtype == torch.bfloat16 for v in out["ema"].values() if v.is_floating_point())
+    for argv, says in ([[str(training), str(training)], "is a training checkpoint"],  # its only copy: refused
+                       [[str(training), str(tmp_path / "o.pt"), "--set", "pivot_cfg=-1"], "pivot_cfg must be"],
+                       [[str(training), str(tmp_path / "o.pt"), "--set", "depth=2"], "only sampling settings"],
+                       [[str(training), str(tmp_path)], "must end in .pt"]):
+        with pytest.raises(SystemExit) as stopped:
+            export_checkpoint.main(argv)
+        assert says in str(stopped.value.code) + capsys.readouterr().err
+    assert training.read_bytes() == before
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint at"):  # (the script prints it as an error)
+        export_checkpoint.main([str(tmp_path / "missing.pt"), str(tmp_path / "o.pt")])
+
+
+def test_the_scripts_stop_on_bad_counts_and_paths_before_they_sample(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+    import sampling_sweep
+
+    def sweep(*flags):
+        monkeypatch.setattr(sys, "argv", ["sampling_sweep.py", "--ckpt", tiny_checkpoint, "--device", "cpu", *flags])
+        with pytest.raises(SystemExit) as stopped, sample.errors_for_people():
+            sampling_sweep.main()
+        return str(stopped.value.code) + capsys.readouterr().err  # (sys.exit's message, or argparse's)
+
+    assert "must be a positive whole number, got 0" in sweep("--num-images", "0")
+    assert "must be a positive whole number, got -1" in sweep("--batch-size", "-1")
+    assert "no such file" in sweep("--scorer", str(tmp_path / "nothing.py"))
+    assert "is a folder" in sweep("--out", str(tmp_path))
+    assert "take true or false" in sweep("--settings", '{"drop_pivots": "yes"}')
+    assert "no checkpoint at" in sweep("--ckpt", str(tmp_path / "missing.pt"))
+    with pytest.raises(SystemExit, match="did not print its JSON line.*boom"):  # a scorer that fails says why
+        (tmp_path / "bad_scorer.py").write_text("raise SystemExit('boom')\n")
+        sampling_sweep.score(str(tmp_path / "bad_scorer.py"), np.zeros((2, 32, 32, 3), np.uint8), np.zeros(2), "cpu")
+
+
 def write_picture(path, size=32):
     pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import himar  # noqa: E402
 import train  # noqa: E402
+from sample import pick_device, positive_int  # noqa: E402
 
 
 def count_flops(model, device, backward, batch=4):
@@ -146,8 +147,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cifar10", choices=list(himar.PRESETS))
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="as in train.py")
-    p.add_argument("--batch-size", type=int, help="default: the preset's recipe")
-    p.add_argument("--micro-batch", type=int, help="images per forward/backward pass (default: the preset's recipe)")
+    p.add_argument("--batch-size", type=positive_int, help="default: the preset's recipe")
+    p.add_argument("--micro-batch", type=positive_int, help="images per forward/backward pass (default: the preset's recipe)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps (0: count FLOPs only)")
     p.add_argument("--warmup", type=int, default=10,
                    help="untimed steps first (kernel selection, compilation); the first two are never timed")
@@ -155,15 +156,21 @@ def main(argv=None):
                    help="torch.compile the training forward pass (default: on a GPU, as train.py)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
                    help="replay the compiled parts as CUDA graphs (default: as train.py, where it works)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--profile", action="store_true", help="trace a few steps on the GPU: where a step's time goes")
     args = p.parse_args(argv)
+    if args.steps < 0 or args.warmup < 0:
+        p.error("--steps and --warmup count steps: give 0 or more")
+    args.device = pick_device(args.device) if args.device == "auto" else args.device  # (auto: cuda if there is one)
     if args.profile and (args.steps == 0 or not args.device.startswith("cuda")):
         p.error("--profile traces training steps on a GPU: it needs --steps > 0 and a CUDA --device")
     args.batch_size = args.batch_size or train.RECIPES[args.preset]["batch_size"]
     args.micro_batch = args.micro_batch or train.RECIPES[args.preset]["micro_batch"]
     if problem := train.cuda_graphs_problem(args):
         p.error(problem)
+    if args.micro_batch and args.micro_batch > args.batch_size:
+        p.error(f"--micro-batch {args.micro_batch} is more than the batch (--batch-size {args.batch_size})")
+    pick_device(args.device)  # (a clear message for a device that is not there)
     args.lr, args.weight_decay, args.grad_clip = 1e-4, 0.02, 3.0
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

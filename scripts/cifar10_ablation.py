@@ -46,7 +46,7 @@ import checkpoints  # noqa: E402
 import pictures  # noqa: E402
 import himar  # noqa: E402
 import train  # noqa: E402
-from sample import compile_heads  # noqa: E402
+from sample import compile_heads, positive_int  # noqa: E402
 from sampling_sweep import sample_and_score, warmup_images  # noqa: E402
 
 
@@ -274,7 +274,15 @@ def save_class_grid(npz_path, png_path, num_classes, per_class=10):
 def read_results(out):
     """The rows of OUT/results.jsonl (out: the study's folder, or a results file itself)."""
     path = out if os.path.isfile(out) else os.path.join(out, "results.jsonl")
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    if not os.path.exists(path):
+        return []
+    try:
+        rows = [json.loads(line) for line in open(path) if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path} is not a results file of this study (a line is not JSON: {e})") from None
+    if not all(isinstance(row, dict) and {"variant", "kind"} <= set(row) for row in rows):
+        raise SystemExit(f"error: {path} is not a results file of this study (its rows have no variant and kind)")
+    return rows
 
 
 def at_step(curve, at, key, axis="step"):
@@ -409,7 +417,7 @@ def parse_args(argv=None):
     r.add_argument("--data-dir", default="./data", help="the folder that holds cifar-10-batches-py/")
     r.add_argument("--scorer", help="path of score_cifar10.py (without it, samples are timed but not scored)")
     r.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    r.add_argument("--steps", type=int, help="equal steps (the default): train each run this long, with the recipe's "
+    r.add_argument("--steps", type=positive_int, help="equal steps (the default): train each run this long, with the recipe's "
                    f"schedule over them (default {EQUAL_STEPS:,}, what the recipe's Hi-MAR makes in 10 minutes on one "
                    "H100)")
     r.add_argument("--score-steps", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0],
@@ -417,16 +425,16 @@ def parse_args(argv=None):
     r.add_argument("--score-at", type=float, nargs="+",
                    help="equal time instead: training minutes after which to score; the last is each run's budget")
     r.add_argument("--seeds", type=int, nargs="+", default=[0], help="a run of each variant for each seed")
-    r.add_argument("--num-images", type=int, default=2000, help="samples per curve point and per CFG of the sweep")
-    r.add_argument("--num-images-mlp", type=int,
+    r.add_argument("--num-images", type=positive_int, default=2000, help="samples per curve point and per CFG of the sweep")
+    r.add_argument("--num-images-mlp", type=positive_int,
                    help="the same for the variants whose dense tokens an MLP head draws, slow to sample (default: "
                         "--num-images)")
-    r.add_argument("--final-images", type=int, default=10000, help="samples for the final score, with the best CFG")
+    r.add_argument("--final-images", type=positive_int, default=10000, help="samples for the final score, with the best CFG")
     r.add_argument("--curve-cfg", type=float, help="the CFG of the curve points (default: the middle of the sweep's)")
     r.add_argument("--cfgs", type=float, nargs="+",
                    help="the CFG sweep at the end, for every variant (default: 1.5 2 3 for the DiT, 10 20 30 for the "
                         "MLP-head phases of the others; see cfg_setting)")
-    r.add_argument("--batch-size", type=int, default=1000, help="sampling batch")
+    r.add_argument("--batch-size", type=positive_int, default=1000, help="sampling batch")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the heads for sampling (default: on a GPU; Hi-MAR's 10,000 images on an H200 "
                         "in 27 s instead of 48, the same scores: REPORT.md)")
@@ -449,14 +457,16 @@ def parse_args(argv=None):
             p.error("--score-at must be positive minutes in increasing order")
         if not args.score_at:
             args.steps = args.steps or EQUAL_STEPS
-            if args.steps <= 0 or not all(0 < f <= 1 for f in args.score_steps):
-                p.error("--steps must be positive and --score-steps fractions in (0, 1]")
+            if not all(0 < f <= 1 for f in args.score_steps):
+                p.error("--score-steps are fractions of --steps, in (0, 1]")
             args.score_steps = sorted({*args.score_steps, 1.0})  # the last point is the run's end
         args.num_images_mlp = args.num_images_mlp or args.num_images
         if args.compile is None:
             args.compile = args.device.startswith("cuda")
         if args.scorer and not os.path.isfile(args.scorer):
             p.error(f"--scorer {args.scorer}: no such file")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            p.error(f"--out {args.out} is a file: give the study's folder")
     return args
 
 
@@ -473,13 +483,18 @@ def main(argv=None):
         with open(os.path.join(args.out, "results.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    failed = []
     for seed in args.seeds:
         for name in args.variants:
             try:
                 run_variant(name, seed, args, log)
             except (SystemExit, train.TrainingStopped) as e:  # a run that fails (e.g. its loss diverges) is reported
                 log({"variant": name, "seed": seed, "kind": "failed", "error": str(e)})
+                failed.append(f"{name} seed {seed}")
     report(args.out)
+    if failed:  # (the others ran on)
+        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; their errors are in "
+                         f"{args.out}/results.jsonl")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoints  # noqa: E402
 import pictures  # noqa: E402
 import sample  # noqa: E402
-from sampling_sweep import score, test_images  # noqa: E402
+from sampling_sweep import check_scorer, score, test_images  # noqa: E402
 
 
 def main():
@@ -31,13 +31,16 @@ def main():
     p.add_argument("--ckpt", default=sample.SHIPPED_CHECKPOINT)
     p.add_argument("--scorer", required=True, help="path of score_cifar10.py")
     p.add_argument("--data-dir", default="./data")
-    p.add_argument("--num-images", type=int, default=1000)
+    p.add_argument("--num-images", type=sample.positive_int, default=1000)
     p.add_argument("--keep", default="right", choices=sample.KEEP_REGIONS)
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=sample.positive_int, default=100)
     p.add_argument("--grid", help="PNG of the first 8 edits")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
     args = p.parse_args()
-    device = torch.device(args.device)
+    check_scorer(args.scorer)
+    if args.grid:
+        sample.check_writable("grid", args.grid, sample.OUTPUTS["grid"])
+    device = torch.device(sample.pick_device(args.device))
     model = checkpoints.load_model(args.ckpt, device)
     cfg = model.cfg
     originals, labels = test_images(args.data_dir, args.num_images)
@@ -67,4 +70,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with sample.errors_for_people():
+        main()

@@ -7,10 +7,11 @@ checked end to end without ImageNet.
 
 Writes OUT/train_data_batch_1.npz ... train_data_batch_5.npz (10,000 images each): `data` uint8 [N, 12288], channel
 planar (all red values of an image, then green, then blue, each plane row by row), and `labels`, counted from 1 as
-in the ImageNet files. To score samples of such a model with a CIFAR-10 scorer, shrink them back to 32x32 (2x2 mean).
+in the ImageNet files (the train_data_batch files of an earlier conversion in OUT are replaced). To score samples of such a model with a CIFAR-10 scorer, shrink them back to 32x32 (2x2 mean).
 """
 
 import argparse
+import glob
 import os
 import sys
 
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import DataError, load_dataset  # noqa: E402
+from sample import positive_int  # noqa: E402
 
 
 def enlarge_to_64(images):
@@ -34,13 +36,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="./data", help="the folder that holds cifar-10-batches-py/ (as train.py)")
     p.add_argument("--out", required=True, help="folder for the train_data_batch_N.npz files")
-    p.add_argument("--per-file", type=int, default=10000, help="images per npz file")
+    p.add_argument("--per-file", type=positive_int, default=10000, help="images per npz file")
     args = p.parse_args(argv)
     try:
         cifar = load_dataset("cifar10", args.data_dir, 32)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"error: --out {args.out} is a file: give a folder for the npz files")
     os.makedirs(args.out, exist_ok=True)
+    earlier = glob.glob(os.path.join(args.out, "train_data_batch_*.npz"))
+    for path in earlier:  # (left there, they would be read along with the new files: images twice)
+        os.remove(path)
+    if earlier:
+        print(f"removed the {len(earlier)} train_data_batch files of an earlier conversion in {args.out}")
     n = len(cifar.labels)
     for k, first in enumerate(tqdm(range(0, n, args.per_file), desc="writing", unit="file")):
         rows = slice(first, min(n, first + args.per_file))

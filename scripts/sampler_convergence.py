@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoints  # noqa: E402
 import himar  # noqa: E402
 from pictures import neighbour_difference  # noqa: E402
+from sample import check_writable, errors_for_people, positive_int  # noqa: E402
 from sampling_sweep import test_images  # noqa: E402
 
 
@@ -70,13 +71,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default="checkpoints/himar_cifar10.pt")
     p.add_argument("--phase", choices=("pivot", "dense"), required=True)
-    p.add_argument("--images", type=int, default=8, help="images, classes in turn")
+    p.add_argument("--images", type=positive_int, default=8, help="images, classes in turn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settings", nargs="+", required=True, help="SAMPLER:SPACING:STEPS; the first is the reference")
     p.add_argument("--out", help="also append the rows to this JSONL file")
     p.add_argument("--test-images", metavar="DATA_DIR", help="the folder that holds cifar-10-batches-py/")
     args = p.parse_args(argv)
     settings = [parse_setting(text) for text in args.settings]
+    if args.out:
+        check_writable("out", args.out)
     if args.test_images:
         real = torch.from_numpy(test_images(args.test_images, 10000)[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
         real = himar.downsample(real) if args.phase == "pivot" else real
@@ -87,6 +90,10 @@ def main(argv=None):
     except checkpoints.CheckpointError as e:
         raise SystemExit(f"error: {e}")
     cfg, B = model.cfg, args.images
+    if cfg.pivots == "none":
+        raise SystemExit(f"error: {args.ckpt} is a MAR model (no pivots): this script follows Hi-MAR's two phases")
+    if max(steps for _, _, steps in settings) > cfg.diffusion_steps:
+        raise SystemExit(f"error: --settings: at most {cfg.diffusion_steps} steps (the model's diffusion steps)")
     defaults = cfg.sampling
     labels = torch.arange(B) % cfg.num_classes
     known_pivots, pivot_keep, known_dense, dense_keep = himar.known_tokens(cfg, None, None, B, "cpu")
@@ -127,4 +134,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with errors_for_people():
+        main()

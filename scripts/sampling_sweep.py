@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,7 @@ import checkpoints  # noqa: E402
 import pictures  # noqa: E402
 import himar  # noqa: E402
 from data import CifarUnpickler  # noqa: E402
-from sample import compile_heads  # noqa: E402
+from sample import check_writable, compile_heads, errors_for_people, pick_device, positive_int  # noqa: E402
 
 
 def test_images(data_dir, n):
@@ -48,10 +49,17 @@ def test_images(data_dir, n):
     path = os.path.join(data_dir, "cifar-10-batches-py", "test_batch")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found: give the folder that train.py reads CIFAR-10 from")
-    with open(path, "rb") as f:
-        batch = CifarUnpickler(f, path, "Give a folder with the official CIFAR-10 files.").load()
-    images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images[:n], np.asarray(batch[b"labels"])[:n]
+    try:
+        with open(path, "rb") as f:
+            batch = CifarUnpickler(f, path, "Give a folder with the official CIFAR-10 files.").load()
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = np.asarray(batch[b"labels"])
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} is not the official CIFAR-10 test batch ({type(e).__name__}): give the "
+                         "folder that train.py reads CIFAR-10 from") from None
+    if n > len(images):
+        raise SystemExit(f"error: {path} has {len(images):,} test images; give --num-images {len(images):,} or fewer")
+    return images[:n], labels[:n]
 
 
 def test_pivots_of(data_dir, n):
@@ -71,9 +79,22 @@ def score(scorer, images, labels, device_type):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "samples.npz")
         np.savez(path, arr_0=images, arr_1=labels)
-        out = subprocess.run([sys.executable, scorer, path, "--device", device_type], capture_output=True, text=True,
-                             check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        out = subprocess.run([sys.executable, scorer, path, "--device", device_type], capture_output=True, text=True)
+    lines = out.stdout.strip().splitlines()
+    try:
+        if out.returncode == 0 and lines:
+            return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        pass
+    said = (out.stderr.strip() or out.stdout.strip() or "nothing").splitlines()[-1]
+    raise SystemExit(f"error: the scorer {scorer} did not print its JSON line (exit status {out.returncode}; its last "
+                     f"words: {said})")
+
+
+def check_scorer(scorer):
+    """Stop now, before any sampling, if --scorer is not a file."""
+    if scorer and not os.path.isfile(scorer):
+        raise SystemExit(f"error: --scorer {scorer}: no such file (give the path of score_cifar10.py)")
 
 
 def generate(model, labels, pivots=None, *, seed, setting):
@@ -103,9 +124,6 @@ def sample_and_score(model, num_images, setting, scorer=None, batch_size=2500, k
     labels, pivots = torch.arange(num_images) % model.cfg.num_classes, None
     if test_pivots:
         pivots, test_labels = test_pivots_of(test_pivots, num_images)  # [N, C, H/2, W/2], [N]
-        if len(pivots) < num_images:
-            raise SystemExit(f"error: --test-pivots: {test_pivots} has {len(pivots):,} test images; give --num-images "
-                             f"{len(pivots):,} or fewer")
         labels = torch.from_numpy(test_labels).long()
 
     def batch(i, n):  # the labels and the given pivots (None: phase 1 samples them) of images i to i + n - 1
@@ -147,6 +165,8 @@ def parse_setting(text, cfg, error):
     if not isinstance(setting, dict) or set(setting) - fields - set(SAMPLE_OPTIONS):
         error(f"--settings {text}: give a JSON object whose keys are fields of himar.Sampling "
               f"({', '.join(sorted(fields))}) or {' / '.join(SAMPLE_OPTIONS)}")
+    if not all(isinstance(setting[k], bool) for k in SAMPLE_OPTIONS if k in setting):
+        error(f"--settings {text}: {' / '.join(SAMPLE_OPTIONS)} take true or false")
     try:
         cfg.sampling_with(**{k: v for k, v in setting.items() if k in fields})
     except (TypeError, ValueError) as e:
@@ -167,14 +187,16 @@ def main():
     p.add_argument("--real-pivots", metavar="DATA", help="score real test images as pivots instead (see above)")
     p.add_argument("--test-pivots", metavar="DATA", help="phase 1 given the real test images' pivots (see above)")
     p.add_argument("--scorer", help="path of score_cifar10.py (skip scoring if not given)")
-    p.add_argument("--num-images", type=int, default=10000)
-    p.add_argument("--batch-size", type=int, default=2500)
+    p.add_argument("--num-images", type=positive_int, default=10000)
+    p.add_argument("--batch-size", type=positive_int, default=2500)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the heads (default: on a GPU; the warm-up batch compiles them, untimed)")
     p.add_argument("--out", default="sweep.jsonl")
     p.add_argument("--settings", nargs="+", default=["{}"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
     args = p.parse_args()
+    check_scorer(args.scorer)
+    check_writable("out", args.out)
     if args.real_pivots and not args.scorer:
         p.error("--real-pivots scores images: give --scorer PATH/score_cifar10.py")
     if args.real_pivots:
@@ -184,7 +206,7 @@ def main():
         return
     if not args.ckpt:
         p.error("give --ckpt CHECKPOINT (or --real-pivots DATA)")
-    model = checkpoints.load_model(args.ckpt, args.device)
+    model = checkpoints.load_model(args.ckpt, pick_device(args.device))
     if args.test_pivots and model.cfg.pivots == "none":
         p.error(f"--test-pivots: {args.ckpt} has no pivot phase (a MAR model, pivots='none')")
     settings = [parse_setting(text, model.cfg, p.error) for text in args.settings]
@@ -198,4 +220,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with errors_for_people():
+        main()
