@@ -98,6 +98,9 @@ def load_checkpoint(path, device="cpu"):
     """Read a checkpoint written by save_checkpoint; a clear CheckpointError if it is not one. Only tensors and
     plain data are read: nothing in the file can run code."""
     check = "check the path (train.py writes <out-dir>/checkpoint.pt)"
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder: give the checkpoint file in it ({os.path.join(path, 'checkpoint.pt')}, "
+                              "say)")
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: {check}")
     with open(path, "rb") as f:

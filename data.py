@@ -69,6 +69,9 @@ def load_dataset(name: str, data_dir: str, image_size: int) -> ImageData:
     loaders = {"cifar10": _load_cifar10, "imagenet64": _load_imagenet64, "folder": _load_folder}
     if name not in loaders:
         raise DataError(f"Unknown dataset {name!r}; choose one of: {', '.join(loaders)}.")
+    if os.path.isfile(os.path.expanduser(data_dir)):
+        raise DataError(f"--data-dir {data_dir} is a file: give the folder that holds the data set (for CIFAR-10, the "
+                        "folder with cifar-10-batches-py/ in it)")
     return loaders[name](os.path.expanduser(data_dir), image_size)
 
 

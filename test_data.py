@@ -89,6 +89,12 @@ def test_the_imagenet64_stand_in_needs_cifar10_and_says_so(tmp_path, monkeypatch
         convert.main(["--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
 
 
+def test_a_data_dir_that_is_a_file_is_named_as_one(tmp_path):
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(DataError, match="is a file: give the folder"):
+        load_dataset("cifar10", str(tmp_path / "data"), 32)
+
+
 def test_cifar10_wrong_image_size(tmp_path):
     write_cifar(tmp_path)
     with pytest.raises(DataError, match="must be 32"):

@@ -979,6 +979,8 @@ def test_checkpoint_errors_are_clear(tmp_path):
         checkpoints.load_model(corrupt)
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoint at"):
         checkpoints.load_model(tmp_path / "missing.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="is a folder: give the checkpoint file in it"):
+        checkpoints.load_model(tmp_path)
     other = tmp_path / "other.pt"
     torch.save({"weights": 1}, other)
     with pytest.raises(checkpoints.CheckpointError, match="not a Hi-MAR checkpoint"):

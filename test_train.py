@@ -605,6 +605,9 @@ def test_resume_takes_the_runs_own_settings_and_reports_changes(image_folder, tm
     assert "--max-steps 6 (the run had 3)" in out_text and "--batch-size 16 (the run had 8)" in out_text
     with pytest.raises(SystemExit, match="trained with --preset tiny, not cifar10"):
         train.main(["--out-dir", str(out), "--resume", "--device", "cpu", "--preset", "cifar10"])
+    train.main(["--out-dir", str(out), "--resume", "--device", "cpu"])  # at its --max-steps already: says so
+    assert "has made its --max-steps 6: nothing to train" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint.pt")["step"] == 6
 
 
 class InfiniteGradient(torch.autograd.Function):

@@ -208,6 +208,9 @@ class Run:
             self.start_step, self.earlier_seconds = restore(checkpoint, model, ema, optimizer, rank, device)
             if self.main:
                 print(f"resuming {self.ckpt_path} at step {self.start_step}")
+                if self.start_step >= args.max_steps:
+                    print(f"(the run has made its --max-steps {args.max_steps}: nothing to train; give a larger "
+                          "--max-steps to train on)")
         self.last_saved = self.start_step if checkpoint is not None else None  # the step that checkpoint.pt holds
         self.done = self.start_step  # steps done
         self.seconds = self.earlier_seconds  # training time of the whole run so far, read at every step
