@@ -238,6 +238,9 @@ def check_args(args):
         sys.exit(f"error: --seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
     if args.npz and args.num_images <= 0:
         sys.exit("error: --npz needs --num-images N (N > 0)")
+    if not (args.grid or args.trajectory or args.npz):
+        sys.exit("error: nothing to write: --grid '' and --trajectory '' leave out both pictures; give --npz FILE.npz "
+                 "(with --num-images) to keep the samples, or a --grid file name")
     if args.num_images and not args.npz:
         sys.exit("error: --num-images needs --npz FILE.npz to write them to")
     if args.edit and not args.keep:

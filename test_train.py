@@ -163,7 +163,7 @@ def test_micro_batch_flag_trains_and_out_of_memory_names_the_flag(image_folder, 
 
 
 def test_bad_flags_and_checkpoints_give_clear_errors(image_folder, tmp_path):
-    with pytest.raises(SystemExit, match="--set depth=x: depth must be a int"):
+    with pytest.raises(SystemExit, match="--set depth=x: depth must be a whole number"):
         train.main(train_args(image_folder, tmp_path / "a", 3) + ["--set", "depth=x"])
     with pytest.raises(SystemExit, match="FIELD one of"):
         train.main(train_args(image_folder, tmp_path / "a", 3) + ["--set", "colour=red"])
@@ -176,6 +176,14 @@ def test_bad_flags_and_checkpoints_give_clear_errors(image_folder, tmp_path):
     out = tmp_path / "run"
     train.main(train_args(image_folder, out, 3))
     ckpt = str(out / "checkpoint.pt")
+    saved = torch.load(ckpt)
+    for broken in ({k: v for k, v in saved.items() if k != "ema"}, {**saved, "optimizer": {"state": {}}},
+                   {**saved, "train_seconds": "a while"}):  # a resume that cannot load its state says so
+        checkpoints.save_checkpoint(tmp_path / "broken" / "checkpoint.pt", broken)
+        with pytest.raises(SystemExit, match="cannot resume .*: its state does not load"):
+            train.main(train_args(image_folder, tmp_path / "broken", 6, "--resume"))
+    with pytest.raises(SystemExit, match="nothing to write"):
+        sample.main(["--ckpt", ckpt, "--grid", "", "--trajectory", "", "--device", "cpu"])
     with pytest.raises(SystemExit, match="dense_steps must be at least 1"):
         sample.main(["--ckpt", ckpt, "--dense-steps", "0", "--device", "cpu"])
     with pytest.raises(SystemExit, match=r"dense_steps must be between 1 and the number of tokens \(64\), got 65"):
@@ -186,7 +194,7 @@ def test_bad_flags_and_checkpoints_give_clear_errors(image_folder, tmp_path):
         sample.main(["--ckpt", ckpt, "--dense-diffusion-steps", "50", "20", "10", "--device", "cpu"])
     with pytest.raises(SystemExit, match="2"):  # argparse: invalid choice
         sample.main(["--ckpt", ckpt, "--dense-sampler", "euler", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="dense_diffusion_steps must be a number or a pair"):
+    with pytest.raises(SystemExit, match="dense_diffusion_steps must be a whole number or a pair"):
         train.main(train_args(image_folder, tmp_path / "c", 3) + ["--set", "dense_diffusion_steps=many"])
     args = train.parse_args(["--preset", "tiny", "--set", "width=64"])
     assert train.config_from_args(args).width == 64  # tiny's heads divide 64
@@ -1050,8 +1058,8 @@ def test_sample_draws_the_ema_or_the_raw_weights_as_asked(tmp_path, capsys, head
     exported = tmp_path / "exported.pt"  # EMA weights only, as scripts/export_checkpoint.py writes
     checkpoints.save_checkpoint(exported, {"config": himar.asdict(raw.cfg), "ema": ema.state_dict()})
     with pytest.raises(SystemExit, match="no 'model' weights"):
-        sample.main(["--ckpt", str(exported), "--weights", "model", "--grid", "", "--trajectory", "",
-                     "--device", "cpu"])
+        sample.main(["--ckpt", str(exported), "--weights", "model", "--grid", str(tmp_path / "g.png"),
+                     "--trajectory", "", "--device", "cpu"])
 
 
 # ----- a run folder no one can turn against its user, metrics that never block a resume, no stop request ignored -----
@@ -1174,7 +1182,7 @@ def test_sampling_refuses_non_finite_settings_and_never_writes_non_finite_sample
     ("mask_ratio_std=-1", "mask_ratio_std must be a finite number >= 0, got -1.0"),
     ("mask_ratio_min=1.5", "mask_ratio_min must be a number in [0, 1), got 1.5"),  # MAR's ratio loop would never end
     ("mask_ratio_min=nan", "mask_ratio_min must be a number in [0, 1), got nan"),
-    ("scale_vector=maybe", "scale_vector must be a true or false"),
+    ("scale_vector=maybe", "scale_vector must be true or false"),
     ("patch_size=0", "patch_size must be a whole number"),
     ("width=0", "width must be a whole number >= 1"), ("num_heads=0", "num_heads must be a whole number >= 1"),
     ("mlp_ratio=nan", "mlp_ratio must be a finite number > 0"), ("dropout=1.5", "dropout must be a number in [0, 1)"),

@@ -205,7 +205,12 @@ class Run:
         self.log_path = os.path.join(args.out_dir, "metrics.jsonl")
         self.start_step, self.earlier_seconds = 0, 0.0  # where a resumed run starts, and how long it had trained
         if checkpoint is not None:
-            self.start_step, self.earlier_seconds = restore(checkpoint, model, ema, optimizer, rank, device)
+            try:
+                self.start_step, self.earlier_seconds = restore(checkpoint, model, ema, optimizer, rank, device)
+            except (checkpoints.CheckpointError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+                first_line = (str(e).splitlines() or [""])[0]
+                raise SystemExit(f"error: cannot resume {self.ckpt_path}: its state does not load ({type(e).__name__}: "
+                                 f"{first_line}).{go_back_hint(args.out_dir)}") from None
             if self.main:
                 print(f"resuming {self.ckpt_path} at step {self.start_step}")
                 if self.start_step >= args.max_steps:
@@ -631,7 +636,7 @@ def restore(checkpoint, model, ema, optimizer, rank, device):
     torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
     if device.type == "cuda" and checkpoint["rng"].get("cuda"):
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
-    return checkpoint["step"], checkpoint.get("train_seconds", 0.0)
+    return int(checkpoint["step"]), float(checkpoint.get("train_seconds", 0.0))
 
 
 def training_data(args, cfg, rank, world_size, device):
@@ -829,9 +834,9 @@ def config_overrides(pairs):
             else:
                 overrides[name] = kind(value)
         except (ValueError, KeyError):
-            what = {tuple: "number or a pair FIRST,LAST",
-                    bool: "true or false (or 1/0, yes/no, on/off)"}.get(kind, kind.__name__)
-            raise SystemExit(f"error: --set {pair}: {name} must be a {what}") from None
+            what = {tuple: "a whole number or a pair FIRST,LAST", int: "a whole number", float: "a number",
+                    bool: "true or false (or 1/0, yes/no, on/off)"}.get(kind, f"a {kind.__name__}")
+            raise SystemExit(f"error: --set {pair}: {name} must be {what}") from None
     return overrides
 
 
