@@ -99,8 +99,8 @@ def load_checkpoint(path, device="cpu"):
     plain data are read: nothing in the file can run code."""
     check = "check the path (train.py writes <out-dir>/checkpoint.pt)"
     if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a folder: give the checkpoint file in it ({os.path.join(path, 'checkpoint.pt')}, "
-                              "say)")
+        inside = os.path.join(path, "checkpoint.pt")
+        raise CheckpointError(f"{path} is a folder: give the checkpoint file in it ({inside}, say)")
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: {check}")
     with open(path, "rb") as f:

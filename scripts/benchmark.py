@@ -148,7 +148,8 @@ def main(argv=None):
     p.add_argument("--preset", default="cifar10", choices=list(himar.PRESETS))
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="as in train.py")
     p.add_argument("--batch-size", type=positive_int, help="default: the preset's recipe")
-    p.add_argument("--micro-batch", type=positive_int, help="images per forward/backward pass (default: the preset's recipe)")
+    p.add_argument("--micro-batch", type=positive_int,
+                   help="images per forward/backward pass (default: the preset's recipe)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps (0: count FLOPs only)")
     p.add_argument("--warmup", type=int, default=10,
                    help="untimed steps first (kernel selection, compilation); the first two are never timed")

@@ -47,7 +47,7 @@ import pictures  # noqa: E402
 import himar  # noqa: E402
 import train  # noqa: E402
 from sample import compile_heads, positive_int  # noqa: E402
-from sampling_sweep import sample_and_score, warmup_images  # noqa: E402
+from sampling_sweep import check_scorer, sample_and_score, warmup_images  # noqa: E402
 
 
 class DiT(nn.Module):
@@ -417,7 +417,8 @@ def parse_args(argv=None):
     r.add_argument("--data-dir", default="./data", help="the folder that holds cifar-10-batches-py/")
     r.add_argument("--scorer", help="path of score_cifar10.py (without it, samples are timed but not scored)")
     r.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    r.add_argument("--steps", type=positive_int, help="equal steps (the default): train each run this long, with the recipe's "
+    r.add_argument("--steps", type=positive_int,
+                   help="equal steps (the default): train each run this long, with the recipe's "
                    f"schedule over them (default {EQUAL_STEPS:,}, what the recipe's Hi-MAR makes in 10 minutes on one "
                    "H100)")
     r.add_argument("--score-steps", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0],
@@ -425,11 +426,13 @@ def parse_args(argv=None):
     r.add_argument("--score-at", type=float, nargs="+",
                    help="equal time instead: training minutes after which to score; the last is each run's budget")
     r.add_argument("--seeds", type=int, nargs="+", default=[0], help="a run of each variant for each seed")
-    r.add_argument("--num-images", type=positive_int, default=2000, help="samples per curve point and per CFG of the sweep")
+    r.add_argument("--num-images", type=positive_int, default=2000,
+                   help="samples per curve point and per CFG of the sweep")
     r.add_argument("--num-images-mlp", type=positive_int,
                    help="the same for the variants whose dense tokens an MLP head draws, slow to sample (default: "
                         "--num-images)")
-    r.add_argument("--final-images", type=positive_int, default=10000, help="samples for the final score, with the best CFG")
+    r.add_argument("--final-images", type=positive_int, default=10000,
+                   help="samples for the final score, with the best CFG")
     r.add_argument("--curve-cfg", type=float, help="the CFG of the curve points (default: the middle of the sweep's)")
     r.add_argument("--cfgs", type=float, nargs="+",
                    help="the CFG sweep at the end, for every variant (default: 1.5 2 3 for the DiT, 10 20 30 for the "
@@ -463,8 +466,7 @@ def parse_args(argv=None):
         args.num_images_mlp = args.num_images_mlp or args.num_images
         if args.compile is None:
             args.compile = args.device.startswith("cuda")
-        if args.scorer and not os.path.isfile(args.scorer):
-            p.error(f"--scorer {args.scorer}: no such file")
+        check_scorer(args.scorer)
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             p.error(f"--out {args.out} is a file: give the study's folder")
     return args

@@ -7,7 +7,8 @@ checked end to end without ImageNet.
 
 Writes OUT/train_data_batch_1.npz ... train_data_batch_5.npz (10,000 images each): `data` uint8 [N, 12288], channel
 planar (all red values of an image, then green, then blue, each plane row by row), and `labels`, counted from 1 as
-in the ImageNet files (the train_data_batch files of an earlier conversion in OUT are replaced). To score samples of such a model with a CIFAR-10 scorer, shrink them back to 32x32 (2x2 mean).
+in the ImageNet files (the train_data_batch files of an earlier conversion in OUT are replaced). To score samples
+of such a model with a CIFAR-10 scorer, shrink them back to 32x32 (2x2 mean).
 """
 
 import argparse
